@@ -1,0 +1,49 @@
+"""The `lmforge` command. Parsing and printing only: every action is a library call.
+
+Each stage of the pipeline has its own module here that adds its subcommands with
+`register(subparsers)`; errors a user can fix (`LmforgeError`) print one line and
+exit 2, anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lmforge import __version__
+from lmforge.cli import data, tokenizer
+from lmforge.errors import LmforgeError
+
+STAGES = (tokenizer, data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Build a language model from scratch: tokenizer -> data -> model -> train -> finetune -> align -> serve.",
+        epilog="Run `lmforge COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for stage in STAGES:
+        stage.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `lmforge tokenizer encode ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
