@@ -146,14 +146,20 @@ class Tokenizer:
         allowed, disallowed = self.special_sets(allowed_special, disallowed_special)
         self.check_disallowed(text, disallowed)
         if text.isascii() or not _HAS_SURROGATE.search(text):
-            return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+            return self._encode_valid(text, allowed)
         ids: list[int] = []
         for segment, is_surrogate in split_surrogates(text):
             if is_surrogate:
                 ids += bpe_merge(segment.encode("utf-8", "surrogatepass"), self.ranks)
             else:
-                ids += self._encoding.encode(segment, allowed_special=allowed, disallowed_special=())
+                ids += self._encode_valid(segment, allowed)
         return ids
+
+    def _encode_valid(self, text: str, allowed: set[str]) -> list[int]:
+        """tiktoken on text without lone surrogates; its ordinary path skips the special-token scan."""
+        if allowed:
+            return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        return self._encoding.encode_ordinary(text)
 
     def encode_batch(
         self,
