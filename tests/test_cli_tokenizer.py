@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import shared
+
 from lmforge.tokenizer import Tokenizer
 
 

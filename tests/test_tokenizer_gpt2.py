@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import read_text, shared
+
 from lmforge import LmforgeError
 from lmforge.corpus import resolve_inputs
 from lmforge.tokenizer import DisallowedSpecialError, from_gpt2_files, reference_encode

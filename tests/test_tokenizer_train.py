@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 import regex
+from conftest import shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import shared
 from lmforge import LmforgeError
 from lmforge.corpus import ReadStats, read_chunks, safe_cut
 from lmforge.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, train_bpe

@@ -14,7 +14,8 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def default_corpus_files() -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    return files
+
+
+def corpus_paths(inputs: Sequence[str | os.PathLike] | None, say: Callable[[str], object] = print) -> list[Path]:
+    """`resolve_inputs(inputs)`, or the embedded default corpus (announced through `say`) when none are given."""
+    if inputs:
+        return resolve_inputs(inputs)
+    files = default_corpus_files()
+    say(f"no --input given: using the embedded default corpus, the {len(files):,} .py files of {default_corpus_root()}")
     return files
 
 
@@ -92,41 +102,57 @@ class ReadStats:
         return text
 
 
-def safe_cut(text: str) -> int:
-    """The last index where `text` may be cut without changing how it pre-tokenizes, or 0.
+def _class(c: str) -> str:
+    """"L" for a letter, "N" for a number, "" for anything else (the classes the patterns split on)."""
+    cat = unicodedata.category(c)[0]
+    return cat if cat in "LN" else ""
 
-    A cut is safe just after a letter that is followed by a line break: in both the GPT-2
-    and GPT-4 patterns a letter run (or contraction) always ends there, and the line
-    break starts a new piece whose match does not depend on what came before.
+
+def safe_cut(text: str, start: int = 0) -> int:
+    """The last index after `start` where `text` may be cut without changing its pieces, or 0.
+
+    A cut is safe right after the end of a run of letters or of digits: in both the GPT-2
+    and GPT-4 patterns such a run always ends a piece, and the piece that follows is
+    matched from its first character with no look-behind, so it matches the same
+    whether or not the text before it is there. (A custom pattern must respect this.)
     """
-    i = text.rfind("\n")
-    while i > 0:
-        j = i - 1 if text[i - 1] == "\r" else i  # the line break starts at j
-        if j > 0 and text[j - 1].isalpha():
-            return j
-        i = text.rfind("\n", 0, i)
+    for i in range(len(text) - 1, max(start, 0), -1):
+        before = _class(text[i - 1])
+        if before and _class(text[i]) != before:
+            return i
     return 0
 
 
-def read_chunks(path: Path, stats: ReadStats, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Decode a file as UTF-8 in pieces cut at `safe_cut` points; undecodable bytes become U+FFFD."""
+def _decode_counting(data: bytes, decoder: codecs.IncrementalDecoder, stats: ReadStats, path: Path, final: bool) -> str:
+    """UTF-8 with every undecodable byte replaced by U+FFFD and counted (one per byte)."""
+    text = decoder.decode(data, final=final)
+    if not text.isascii():
+        text, n = _ESCAPED_BYTE.subn("\ufffd", text)
+        if n:
+            if not stats.files_with_replacements or stats.files_with_replacements[-1] != str(path):
+                stats.files_with_replacements.append(str(path))
+            stats.replaced_bytes += n
+    return text
+
+
+def read_chunks(path: Path, stats: ReadStats, chunk_bytes: int | None = None) -> Iterator[str]:
+    """Decode a file as UTF-8 in pieces cut at `safe_cut` points; undecodable bytes become U+FFFD.
+
+    Text with no letters or digits at all has no safe cut and is read whole.
+    """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     pending = ""
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk_bytes)
             stats.bytes += len(block)
-            text = decoder.decode(block, final=not block)
-            if not text.isascii():
-                text, n = _ESCAPED_BYTE.subn("\ufffd", text)
-                if n:
-                    if not stats.replaced_bytes or stats.files_with_replacements[-1] != str(path):
-                        stats.files_with_replacements.append(str(path))
-                    stats.replaced_bytes += n
+            text = _decode_counting(block, decoder, stats, path, final=not block)
+            searched = len(pending)
             pending += text
             if not block:
                 break
-            cut = safe_cut(pending)
+            cut = safe_cut(pending, searched - 1)
             if cut:
                 yield pending[:cut]
                 pending = pending[cut:]
@@ -138,10 +164,11 @@ def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[list[
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             stats.bytes += len(raw)
-            if not raw.strip():
+            line = _decode_counting(raw, codecs.getincrementaldecoder("utf-8")(errors="surrogateescape"), stats, path, final=True)
+            if not line.strip():
                 continue
             try:
-                record = json.loads(raw)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LmforgeError(f"{path}:{lineno}: not valid JSON ({e.msg}); JSONL needs one JSON object per line") from None
             if not isinstance(record, dict) or text_field not in record:

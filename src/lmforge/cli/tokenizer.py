@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lmforge.cli.common import add_command, add_group, progress_enabled
-from lmforge.corpus import ReadStats, default_corpus_files, default_corpus_root, iter_documents, resolve_inputs
+from lmforge.corpus import ReadStats, corpus_paths, iter_documents, resolve_inputs
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer, from_gpt2_files, train_bpe
 
@@ -97,14 +97,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", metavar="FILE")
 
 
-def _corpus(inputs: list[str] | None) -> list[Path]:
-    if inputs:
-        return resolve_inputs(inputs)
-    files = default_corpus_files()
-    print(f"no --input given: using the embedded default corpus, the {len(files):,} .py files of {default_corpus_root()}", file=sys.stderr)
-    return files
-
-
 def _refuse_existing(out: str, overwrite: bool) -> None:
     if (Path(out) / "tokenizer.json").exists() and not overwrite:
         raise LmforgeError(f"{out}/tokenizer.json already exists; choose another --out or pass --overwrite")
@@ -112,7 +104,7 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     _refuse_existing(args.out, args.overwrite)
-    paths = _corpus(args.input)
+    paths = corpus_paths(args.input, say=lambda message: print(message, file=sys.stderr))
     stats = ReadStats()
     chunks = (c for doc in iter_documents(paths, stats, args.text_field) for c in doc)
     tok = train_bpe(

@@ -1,0 +1,124 @@
+"""`lmforge data prepare | info | download` end to end, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_fixtures import (
+    SHARED,
+    expected_tokens,
+    small_tokenizer,
+    write_jsonl,
+    write_texts,
+)
+
+import lmforge.corpus
+from lmforge.cli import main
+from lmforge.data import TokenData
+from lmforge.data.download import MIRROR_ENV
+
+DOCS = ["First document.\n", "Second one, a little longer than the first.\n", "Third.", "Fourth and last\n"]
+
+
+def run_lmforge(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter, as the `lmforge` console script does."""
+    code = "import sys; from lmforge.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path: Path) -> Path:
+    small_tokenizer().save(tmp_path / "tok")
+    return tmp_path / "tok"
+
+
+def test_prepare_then_info(tmp_path: Path, tokenizer_dir: Path) -> None:
+    write_texts(tmp_path / "corpus", DOCS)
+    out = tmp_path / "data"
+    run = run_lmforge("data", "prepare", "--input", tmp_path / "corpus", "--tokenizer", tokenizer_dir, "--out", out, "--val-fraction", "0.5")
+    assert run.returncode == 0, run.stderr
+    assert "read 4 documents from 4 files" in run.stderr
+    assert f"wrote {out}" in run.stdout and "bytes/token" in run.stdout
+    assert "train" in run.stdout and "val" in run.stdout
+    data = TokenData.open(out, small_tokenizer())
+    assert data.split("train").tolist() == expected_tokens(small_tokenizer(), [DOCS[0], DOCS[2]])
+    assert data.split("val").tolist() == expected_tokens(small_tokenizer(), [DOCS[1], DOCS[3]])
+
+    info = run_lmforge("data", "info", out)
+    assert info.returncode == 0, info.stderr
+    assert f"{data.num_tokens('train'):,} tokens, 2 documents" in info.stdout
+    assert "uint16" in info.stdout and small_tokenizer().fingerprint[:16] in info.stdout
+    as_json = run_lmforge("data", "info", out, "--json")
+    assert json.loads(as_json.stdout) == data.meta
+
+
+def test_prepare_jsonl_and_the_tail_split_are_reported(tmp_path: Path, tokenizer_dir: Path) -> None:
+    write_jsonl(tmp_path / "one.jsonl", ["a single record, so val comes from the tail of the tokens"], field="body")
+    run = run_lmforge("data", "prepare", "--input", tmp_path / "one.jsonl", "--text-field", "body", "--tokenizer", tokenizer_dir, "--out", tmp_path / "d")
+    assert run.returncode == 0, run.stderr
+    assert "val is the last 0.1 of the tokens" in run.stderr
+
+
+def test_prepare_errors_are_one_line_and_leave_nothing(tmp_path: Path, tokenizer_dir: Path) -> None:
+    run = run_lmforge("data", "prepare", "--input", tmp_path / "missing.txt", "--tokenizer", tokenizer_dir, "--out", tmp_path / "d")
+    assert run.returncode == 2
+    assert run.stderr.startswith("lmforge: error: input") and run.stderr.count("\n") == 1
+    assert not (tmp_path / "d").exists()
+
+    write_texts(tmp_path / "corpus", DOCS)
+    (tmp_path / "d").mkdir()
+    run = run_lmforge("data", "prepare", "--input", tmp_path / "corpus", "--tokenizer", tokenizer_dir, "--out", tmp_path / "d")
+    assert run.returncode == 2 and "already exists" in run.stderr and "--overwrite" in run.stderr
+    run = run_lmforge("data", "prepare", "--input", tmp_path / "corpus", "--tokenizer", tokenizer_dir, "--out", tmp_path / "d", "--overwrite")
+    assert run.returncode == 0, run.stderr
+
+
+def test_info_on_a_folder_that_is_not_data(tmp_path: Path) -> None:
+    run = run_lmforge("data", "info", tmp_path)
+    assert run.returncode == 2 and "no meta.json" in run.stderr
+
+
+def test_download_list_and_from_a_local_mirror(tmp_path: Path) -> None:
+    listing = run_lmforge("data", "download", "--list")
+    assert listing.returncode == 0
+    for name in ("tinyshakespeare", "the-verdict", "sms-spam", "gpt2-vocab", "dpo-en-demo", "llms-from-scratch/the-verdict.txt"):
+        assert name in listing.stdout
+
+    env = {**os.environ, MIRROR_ENV: str(SHARED)}
+    run = run_lmforge("data", "download", "the-verdict", "tinyshakespeare", "--out", tmp_path / "dl", env=env)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "dl" / "tinyshakespeare.txt").read_bytes() == (SHARED / "tinyshakespeare.txt").read_bytes()
+    assert (tmp_path / "dl" / "the-verdict.txt").read_bytes() == (SHARED / "llms-from-scratch" / "the-verdict.txt").read_bytes()
+    again = run_lmforge("data", "download", "the-verdict", "--out", tmp_path / "dl", "--mirror", SHARED)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_download_needs_a_name_and_an_out(tmp_path: Path) -> None:
+    assert "name a data set" in run_lmforge("data", "download", "--out", tmp_path).stderr
+    assert "--out" in run_lmforge("data", "download", "the-verdict").stderr
+
+
+def test_prepare_without_input_uses_and_announces_the_default_corpus(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    files = write_texts(tmp_path / "stdlib", ["import os\n", "def f():\n    return 1\n"], suffix=".py")
+    monkeypatch.setattr(lmforge.corpus, "default_corpus_files", lambda: files)
+    code = main(["data", "prepare", "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "d"), "--val-fraction", "0"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "no --input given: using the embedded default corpus, the 2 .py files of" in err
+    data = TokenData.open(tmp_path / "d")
+    assert data.split("train").tolist() == expected_tokens(small_tokenizer(), ["import os\n", "def f():\n    return 1\n"])
+
+
+@pytest.mark.parametrize("command", ["prepare", "info", "download"])
+def test_every_command_has_examples_in_its_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["data", command, "--help"])
+    assert e.value.code == 0
+    assert f"examples:\n  lmforge data {command}" in capsys.readouterr().out
