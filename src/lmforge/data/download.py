@@ -13,10 +13,8 @@ variable LMFORGE_DATA_MIRROR) set to a URL or a local folder, files come from th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lmforge import __version__
 from lmforge.errors import LmforgeError
-from lmforge.io import fsync_dir
+from lmforge.io import atomic_file
 
 MIRROR_ENV = "LMFORGE_DATA_MIRROR"
 _BLOCK = 1 << 20
@@ -224,23 +222,13 @@ def download_file(
             )
     dest.parent.mkdir(parents=True, exist_ok=True)
     url = source_url(file, mirror)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            actual = _stream(url, f, file.size, progress)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_file(dest) as f:
+        actual = _stream(url, f, file.size, progress)
         if actual != file.sha256:
             raise LmforgeError(
                 f"refused {url}: its sha256 is {actual}, expected {file.sha256}; nothing was saved "
                 "(the source changed or the transfer was damaged: try again, or use --mirror)"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(dest.parent)
     return dest, True
 
 
