@@ -6,9 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from lmforge.corpus import ReadStats, iter_documents, resolve_inputs
 from lmforge.tokenizer import Tokenizer, from_gpt2_files, train_bpe
+
+# The machine is shared and noisy: no example may fail for taking long.
+settings.register_profile("lmforge", deadline=None)
+settings.load_profile("lmforge")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2"
