@@ -1,0 +1,161 @@
+"""One dataclass describes every model lmforge builds, with named presets.
+
+The GPT-2 family (LayerNorm, GELU, learned positions, tied embeddings, biases) and the
+Llama family (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases) are the same
+decoder with different switches. The config travels as `config.json` beside the
+weights; nothing about a model is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_text
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu_tanh", "gelu", "swiglu")  # gelu_tanh is GPT-2's "gelu_new"
+POSITIONS = ("learned", "rope")
+ATTENTIONS = ("sdpa", "reference")
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0  # 0: same as n_head (multi-head); 1: multi-query; else grouped-query
+    n_embd: int = 768
+    head_dim: int = 0  # 0: n_embd // n_head
+    mlp: str = "gelu_tanh"
+    mlp_hidden: int = 0  # 0: 4 * n_embd
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    # Llama 3 frequency scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_context_length"}
+    rope_scaling: dict[str, float] | None = None
+    bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    attention: str = "sdpa"  # the fused kernel; "reference" is the readable softmax(QK^T/sqrt(d)) path
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head and not self.head_dim:
+            if self.n_embd % self.n_head:
+                raise LmforgeError(
+                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                    f"choose n_head among {_divisors(self.n_embd)} or set head_dim explicitly"
+                )
+            self.head_dim = self.n_embd // self.n_head
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject combinations that cannot build, saying how to fix them."""
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("mlp", self.mlp, MLPS),
+            ("positions", self.positions, POSITIONS),
+            ("attention", self.attention, ATTENTIONS),
+        ):
+            if value not in allowed:
+                raise LmforgeError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "mlp_hidden"):
+            if getattr(self, name) <= 0:
+                raise LmforgeError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise LmforgeError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: each key/value head "
+                f"serves a whole group of query heads; choose n_kv_head among {_divisors(self.n_head)}"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise LmforgeError(f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} must be even")
+        if self.rope_scaling is not None:
+            missing = {"factor", "low_freq_factor", "high_freq_factor", "original_context_length"} - set(self.rope_scaling)
+            if missing:
+                raise LmforgeError(f"rope_scaling needs {sorted(missing)} (Llama 3 style frequency scaling)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmforgeError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    # --- presets and overrides ---------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        """A named preset, with any field overridden: `Config.from_name("gpt2", n_layer=2)`."""
+        if name not in PRESETS:
+            raise LmforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], "name": name, **overrides})
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    # --- JSON --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LmforgeError(f"unknown config field(s) {sorted(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `config.json` into the folder `path`."""
+        file = Path(path) / "config.json"
+        atomic_write_text(file, json.dumps(self.to_dict(), indent=2) + "\n")
+        return file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Config:
+        p = Path(path)
+        file = p / "config.json" if p.is_dir() else p
+        try:
+            return cls.from_dict(json.loads(file.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise LmforgeError(f"no config.json at {p}") from None
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{file} is truncated or not JSON ({e})") from None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+_GPT2 = dict(vocab_size=50257, context_length=1024, norm="layernorm", mlp="gelu_tanh", positions="learned", bias=True, tie_embeddings=True)
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    "llama-3.2-1b": dict(
+        _LLAMA,
+        vocab_size=128256,
+        context_length=131072,
+        n_layer=16,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=2048,
+        head_dim=64,
+        mlp_hidden=8192,
+        rope_theta=500000.0,
+        rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 8192},
+        tie_embeddings=True,
+    ),
+    # Small CPU presets. `small` is the GPT-2-family shape the training benchmarks use.
+    "small": dict(_GPT2, context_length=256, n_layer=6, n_head=6, n_embd=384),
+    "micro": dict(_LLAMA, vocab_size=8192, context_length=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, mlp_hidden=768, tie_embeddings=True),
+    "nano": dict(_LLAMA, vocab_size=4096, context_length=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=256, tie_embeddings=True),
+}

@@ -1,0 +1,1 @@
+"""Weights from elsewhere: Hugging Face folders (`hf.py`), OpenAI's GPT-2 layout, llama2.c."""

@@ -1,0 +1,282 @@
+"""The decoder-only transformer, top to bottom: norms, RoPE, attention, MLPs, block, model.
+
+One model, two families chosen by `Config`: GPT-2 (LayerNorm, GELU, learned positions,
+tied embeddings, biases) and Llama (RMSNorm, SwiGLU, RoPE, grouped-query attention).
+Every numeric choice follows the reference implementations so that imported weights
+give the same logits as `transformers` (see `interop/hf.py` and the tests).
+
+Shapes: B batch, T new tokens, S positions attended to (T, or cache + T), C n_embd,
+nh query heads, nkv key/value heads, hd head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 as Llama does (bf16 squares lose too much)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+# --- rotary position embedding -------------------------------------------------------
+def rope_inv_freq(config: Config) -> torch.Tensor:
+    """Per-pair rotation speeds theta^(-2i/hd), with Llama 3's long-context rescaling if set.
+
+    Llama 3 slows the low frequencies (long wavelengths) by `factor`, keeps the high
+    ones, and blends smoothly in between, so a model trained on short context reads
+    positions far beyond it.
+    """
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, low, high, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_context_length"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions `pos` (B, T): each (B, 1, T, hd), halves repeated."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + hd/2]) by position-dependent angles (the "rotate half" layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --- attention -------------------------------------------------------------------------
+class Cache(Protocol):
+    """What attention needs from a KV cache (`lmforge.engine.KVCache` is the one we have)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Attention(nn.Module):
+    """Causal self-attention; q, k, v are separate layers (LoRA targets them by name)."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.impl = config.attention
+        self.dropout = config.dropout
+        self.q = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.bias)
+        self.k = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.v = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.o = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        # mask None means plain causal attention over exactly these T positions
+        causal = mask is None and T > 1
+        dropout = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head
+            )
+        else:
+            y = reference_attention(q, k, v, mask, causal, dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.o(y)
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float = 0.0
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v, spelled out: the path to read (and to check the fused one)."""
+    group = q.size(1) // k.size(1)
+    k = k.repeat_interleave(group, dim=1)  # each kv head serves `group` query heads
+    v = v.repeat_interleave(group, dim=1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if causal:
+        T, S = att.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), dropout)
+    return att @ v  # (B, nh, T, hd)
+
+
+# --- feed-forward ----------------------------------------------------------------------
+class MLP(nn.Module):
+    """GPT-2's feed-forward: fc -> GELU -> proj."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.norm2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, cache):  # noqa: ANN001, ANN201 - same arguments as Attention
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# --- the model -------------------------------------------------------------------------
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size), fp32."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.context_length, config.n_embd) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.positions == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False
+        self.tokenizer = None  # set by the loaders (`lmforge.load`) when the weights come with one
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual
+        # stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `idx` (B, T).
+
+        Plain training/scoring needs only `idx`. The engine passes `pos` (B, T) (each
+        row's positions, so left-padded rows start at 0), a boolean `mask` (B, 1, T, S)
+        of the slots each token may attend to (None: causal over these T tokens), and
+        the `cache` that holds earlier keys and values. `return_hidden` gives the final
+        normed hidden states (B, T, C) instead, for classifier and value heads.
+        """
+        B, T = idx.shape
+        if pos is None:
+            if T > self.config.context_length:
+                raise LmforgeError(
+                    f"sequence of {T} tokens is longer than the model's context_length {self.config.context_length}; "
+                    "truncate the input or use a shorter window"
+                )
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        x = self.drop(x)
+        rope = rope_cos_sin(self.inv_freq, pos, x.dtype) if self.pos_emb is None else None
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        x = self.norm_f(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x).float()
+
+    # --- facts ---------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); `non_embedding` leaves out the tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def named_linears(self) -> Iterator[tuple[str, nn.Linear]]:
+        """The linear layers inside the blocks, by name (what LoRA and quantization target)."""
+        for name, module in self.blocks.named_modules():
+            if isinstance(module, nn.Linear):
+                yield f"blocks.{name}", module
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device

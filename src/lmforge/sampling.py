@@ -1,0 +1,57 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+
+Every choice is reproducible: greedy breaks ties towards the lower id, top-k keeps
+exactly k ids (ties at the boundary go to the lower ids, by a stable sort), and random
+draws come from the caller's seeded `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None  # keep the k most likely ids
+    top_p: float | None = None  # keep the smallest set whose probability reaches p
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise LmforgeError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise LmforgeError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus (B, V)."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        drop[:, top_k:] = True
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        # drop a token when the ones before it already reach top_p (the first is always kept)
+        drop |= (probs.cumsum(dim=-1) - probs) >= top_p
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of `logits` (B, V) -> (B,)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)  # the first (lowest) id among equal maxima
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
