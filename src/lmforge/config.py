@@ -96,7 +96,14 @@ class Config:
         return cls.from_dict({**PRESETS[name], "name": name, **overrides})
 
     def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; sizes that were derived (kv heads, head_dim, MLP width)
+        are derived again from the new values unless given."""
+        d = self.to_dict()
+        derived = {"n_kv_head": self.n_head, "head_dim": self.n_embd // self.n_head, "mlp_hidden": 4 * self.n_embd}
+        for name, value in derived.items():
+            if name not in changes and d[name] == value:
+                d[name] = 0
+        return Config.from_dict({**d, **changes})
 
     # --- JSON --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

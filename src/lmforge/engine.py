@@ -145,8 +145,9 @@ class Engine:
     @torch.inference_mode()
     def steps(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams, seed: int | None = None
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row, (B,), up to max_new_tokens times or until the context is full."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (next token (B,), the logits it was drawn from (B, V)) per step,
+        up to max_new_tokens times or until the context is full."""
         device = self.model.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         longest = int(lengths.max())
@@ -162,7 +163,7 @@ class Engine:
         logits = self._forward(ids, cache)
         for step in range(max_new_tokens):
             token = sample(logits, sampling, generator)
-            yield token
+            yield token, logits
             if step + 1 == max_new_tokens or cache.length == max_len:
                 return
             logits = self._forward(token[:, None], cache)
@@ -187,7 +188,7 @@ class Engine:
         out: list[list[int]] = [[] for _ in rows]
         reason = ["context"] * len(rows)
         done = [False] * len(rows)
-        for token in self.steps(rows, max_new_tokens, sampling, seed):
+        for token, _ in self.steps(rows, max_new_tokens, sampling, seed):
             for b, t in enumerate(token.tolist()):
                 if done[b]:
                     continue
@@ -212,33 +213,36 @@ class Engine:
         seed: int | None = None,
         stop_ids: Sequence[int] = (),
         stop_strings: Sequence[str] = (),
-    ) -> Iterator[tuple[int, str]]:
+    ) -> Iterator[tuple[int | None, str]]:
         """Yield (token id, new text) as each token arrives; the texts joined equal `generate`'s text.
 
         Text is held back while it ends in an incomplete UTF-8 character or could be the
-        start of a stop string, and released once it cannot be.
+        start of a stop string, and released once it cannot be; what is still held when
+        generation ends comes last, as (None, text).
         """
         rows = self._prompts([prompt])
         if stop_strings and self.tokenizer is None:
             raise LmforgeError("stop strings need a tokenizer")
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text, sent = "", 0
-        for token in self.steps(rows, max_new_tokens, sampling, seed):
+        for token, _ in self.steps(rows, max_new_tokens, sampling, seed):
             t = int(token[0])
             if t in stop_ids:
                 break
-            if self.tokenizer is not None:
-                text += decoder.decode(self.tokenizer.decode_bytes([t]))
+            if self.tokenizer is None:
+                yield t, ""
+                continue
+            text += decoder.decode(self.tokenizer.decode_bytes([t]))
             cut = _find_stop(text, stop_strings)
             if cut is not None:
                 yield t, text[sent:cut]
                 return
-            safe = len(text) - _held_back(text, stop_strings)
+            safe = max(sent, len(text) - _held_back(text, stop_strings))
             yield t, text[sent:safe]
-            sent = max(sent, safe)
-        if self.tokenizer is not None:
-            text += decoder.decode(b"", final=True)
-            yield -1, text[sent:]
+            sent = safe
+        text += decoder.decode(b"", final=True)
+        if text[sent:]:
+            yield None, text[sent:]
 
     def _text(self, ids: list[int], stop_strings: Sequence[str]) -> str | None:
         if self.tokenizer is None:

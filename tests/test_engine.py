@@ -1,0 +1,146 @@
+"""The engine against the uncached reference; sampling rules; stops; streaming; batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge import LmforgeError
+from lmforge.config import Config
+from lmforge.engine import Engine, generate_uncached
+from lmforge.model import GPT
+from lmforge.sampling import SamplingParams, filter_logits, sample
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def make_model(preset: str, vocab_size: int = 1000, **kw) -> GPT:
+    torch.manual_seed(1234)
+    # a wide init (std 0.2, not 0.02) gives decisive, varied logits: greedy paths do not hinge on 1e-6
+    cfg = Config.from_name(preset, **{"n_layer": 2, "vocab_size": vocab_size, "context_length": 96, "init_std": 0.2, **kw})
+    if preset == "small":
+        cfg = cfg.replace(n_embd=96, n_head=4)
+    return GPT(cfg).eval()
+
+
+@pytest.fixture(params=["nano", "small"])
+def model(request):
+    return make_model(request.param)
+
+
+def test_cached_equals_uncached_tokens_and_logits(model):
+    prompt = [3, 14, 15, 92, 65, 35]
+    ref_ids, ref_logits = generate_uncached(model, prompt, 40)
+    engine = Engine(model)
+    steps = list(engine.steps([prompt], 40, GREEDY))
+    assert [int(t[0]) for t, _ in steps] == ref_ids
+    assert max((lg[0] - r).abs().max().item() for (_, lg), r in zip(steps, ref_logits)) <= 1e-4
+    assert engine.generate([prompt], max_new_tokens=40, sampling=GREEDY)[0].ids == ref_ids
+
+
+def test_each_row_of_a_batch_equals_generating_it_alone(model):
+    prompts = [[5], [7, 8, 9, 10, 11, 12, 13, 14, 15], [100, 200, 300]]
+    engine = Engine(model)
+    alone = [engine.generate([p], max_new_tokens=24, sampling=GREEDY)[0].ids for p in prompts]
+    batch = [c.ids for c in engine.generate(prompts, max_new_tokens=24, sampling=GREEDY)]
+    assert batch == alone
+    assert alone[1] == generate_uncached(model, prompts[1], 24)[0]
+
+
+def test_context_limit(model):
+    engine = Engine(model)
+    ctx = model.config.context_length
+    with pytest.raises(LmforgeError, match="does not fit the model's context_length"):
+        engine.generate([list(range(ctx + 1))], max_new_tokens=1)
+    with pytest.raises(LmforgeError, match="empty"):
+        engine.generate([[]], max_new_tokens=1)
+    out = engine.generate([list(range(ctx - 3))], max_new_tokens=10, sampling=GREEDY)[0]
+    assert len(out.ids) == 4 and out.finish_reason == "context"  # fills the context, never slides
+    assert out.ids == generate_uncached(model, list(range(ctx - 3)), 10)[0]
+
+
+def test_top_k_keeps_exactly_k_with_ties_to_lower_ids():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5, 3.0]])
+    kept = filter_logits(logits, top_k=2, top_p=None)
+    assert torch.isfinite(kept[0]).nonzero().flatten().tolist() == [1, 2]
+    kept = filter_logits(logits, top_k=5, top_p=None)
+    assert torch.isfinite(kept[0]).nonzero().flatten().tolist() == [0, 1, 2, 3, 5]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    for p, expected in ((0.5, [1]), (0.7, [1, 2]), (0.81, [0, 1, 2]), (1.0, [0, 1, 2])):
+        kept = filter_logits(logits, top_k=None, top_p=p)
+        assert torch.isfinite(kept[0]).nonzero().flatten().tolist() == expected, p
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.randn(4, 50)
+    params = SamplingParams(temperature=1.0, top_k=3)
+    draws = torch.stack([sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)])
+    top3 = logits.topk(3).indices
+    assert all(int(d) in top3[b].tolist() for row in draws for b, d in enumerate(row))
+    a = sample(logits, params, torch.Generator().manual_seed(7))
+    b = sample(logits, params, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert len({tuple(r.tolist()) for r in draws}) > 1
+
+
+def test_seeded_generation_is_reproducible(model):
+    engine = Engine(model)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    a = engine.generate([[1, 2, 3]], max_new_tokens=20, sampling=params, seed=5)[0].ids
+    b = engine.generate([[1, 2, 3]], max_new_tokens=20, sampling=params, seed=5)[0].ids
+    c = engine.generate([[1, 2, 3]], max_new_tokens=20, sampling=params, seed=6)[0].ids
+    assert a == b and a != c
+
+
+def test_stop_ids_end_a_row_without_being_emitted(model):
+    engine = Engine(model)
+    free = engine.generate([[1, 2, 3]], max_new_tokens=20, sampling=GREEDY)[0]
+    stop = free.ids[5]
+    first = free.ids.index(stop)
+    out = engine.generate([[1, 2, 3]], max_new_tokens=20, sampling=GREEDY, stop_ids=[stop])[0]
+    assert out.ids == free.ids[:first] and out.finish_reason == "stop"
+    assert free.finish_reason == "length"
+
+
+@pytest.fixture
+def text_engine(small_tok):
+    return Engine(make_model("nano", vocab_size=small_tok.vocab_size), small_tok)
+
+
+def test_stop_strings_cut_the_text(text_engine):
+    free = text_engine.generate(["To be, or not"], max_new_tokens=30, sampling=GREEDY)[0]
+    assert len(free.text) > 12
+    stop = free.text[8:11]
+    cut = free.text.find(stop)
+    out = text_engine.generate(["To be, or not"], max_new_tokens=30, sampling=GREEDY, stop_strings=[stop])[0]
+    assert out.text == free.text[:cut] and out.finish_reason == "stop"
+    assert stop in text_engine.tokenizer.decode(out.ids) and stop not in text_engine.tokenizer.decode(out.ids[:-1])
+
+
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_stream_joins_to_generate(text_engine, with_stop):
+    free = text_engine.generate(["To be, or not"], max_new_tokens=30, sampling=GREEDY)[0]
+    stops = [free.text[10:13]] if with_stop else []
+    expected = text_engine.generate(["To be, or not"], max_new_tokens=30, sampling=GREEDY, stop_strings=stops)[0]
+    events = list(text_engine.stream("To be, or not", max_new_tokens=30, sampling=GREEDY, stop_strings=stops))
+    assert "".join(t for _, t in events) == expected.text
+    assert [i for i, _ in events if i is not None] == expected.ids
+
+
+def test_stream_never_splits_a_character(gpt2_tok, monkeypatch):
+    text = "한국어 🙂 ok"
+    ids = gpt2_tok.encode(text)
+    engine = Engine(make_model("nano", vocab_size=gpt2_tok.vocab_size), gpt2_tok)
+
+    def scripted(self, rows, max_new_tokens, sampling, seed=None):
+        for t in ids:
+            yield torch.tensor([t]), None
+
+    monkeypatch.setattr(Engine, "steps", scripted)
+    pieces = [t for _, t in engine.stream([1], max_new_tokens=len(ids))]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # held back while a character was incomplete
