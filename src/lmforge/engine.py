@@ -37,6 +37,12 @@ class TextCodec(Protocol):
     def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
 
 
+def end_of_text_ids(tokenizer: object | None) -> list[int]:
+    """The ids that end a text for this tokenizer (`<|endoftext|>`, or a sentencepiece EOS)."""
+    ids = [getattr(tokenizer, name, None) for name in ("eot_id", "eos_id")]
+    return sorted({i for i in ids if i is not None})
+
+
 class KVCache:
     """Keys and values of every layer for B sequences, preallocated to `max_len` slots.
 

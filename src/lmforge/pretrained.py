@@ -105,13 +105,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
         return load_llama2c(path, device=device)
     if not path.is_dir():
         raise LmforgeError(f"{path} is neither a model folder nor a llama2.c .bin file")
-    if (path / WEIGHTS).is_file() and (path / "config.json").is_file():
+    if (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if "model_type" in config or "architectures" in config:
             from lmforge.interop.hf import load_hf
 
-            return load_hf(path, device=device)
-        return load_pretrained(path, device=device)
+            return load_hf(path, device=device)  # also explains sharded or pickle-only folders
+        if (path / WEIGHTS).is_file():
+            return load_pretrained(path, device=device)
     if (path / "model.safetensors.index.json").is_file():
         from lmforge.interop.hf import load_hf
 

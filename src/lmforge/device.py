@@ -1,0 +1,24 @@
+"""Where to run: chosen at run time, never hard-coded."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA when present, then Apple's MPS, else the CPU; any torch device name is accepted."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise LmforgeError(f"--device {name!r} is not a device name (try auto, cpu, cuda, cuda:1, mps): {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
+    return device

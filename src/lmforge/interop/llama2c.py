@@ -1,0 +1,561 @@
+"""llama2.c checkpoints (`model.bin`) and their sentencepiece-style `tokenizer.bin`.
+
+karpathy/llama2.c writes a Llama model as raw little-endian fp32 arrays behind a tiny
+header, and its tokenizer as a list of (score, piece) records. `load_llama2c` turns
+the model into our `GPT` (with its tokenizer attached), `Llama2cTokenizer` reads,
+encodes and decodes exactly as llama2.c's `run.c` does, and saves itself into our
+model folders as `tokenizer.json`.
+
+Checkpoint layouts (see llama2.c `export.py`):
+
+- version 0 ("legacy", what `run.c` reads): 7 int32 (dim, hidden_dim, n_layers,
+  n_heads, n_kv_heads, vocab_size, seq_len; a negative vocab_size means the output
+  classifier is not shared and follows at the end), then token_embedding, rms_att,
+  wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, two RoPE tables (skipped: we compute
+  them), [wcls].
+- version 1: uint32 magic "ak42", int32 version, the same 7 int32 (vocab_size
+  positive), a uint8 shared-classifier flag, zeros up to 256 bytes, then rms_att,
+  rms_ffn, rms_final, token_embedding, wq, wk, wv, wo, w1, w2, w3, [wcls].
+- version 2 (int8 Q8_0) is refused with a message saying how to re-export.
+
+RoPE: llama2.c rotates interleaved pairs (2i, 2i+1) of each head, our model rotates
+(i, i + hd/2) ("rotate half", as Hugging Face Llama does). Permuting the rows of wq
+and wk inside each head (as HF's convert_llama_weights_to_hf does) makes the two
+identical: q.k is unchanged by a permutation applied to both.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import json
+import os
+import re
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_text
+from lmforge.model import GPT, rope_inv_freq
+
+MAGIC = 0x616B3432  # "ak42" as a little-endian uint32 (the bytes on disk read "24ka")
+V0_HEADER_BYTES = 7 * 4
+V1_HEADER_BYTES = 256
+FLOAT_BYTES = 4
+
+TOKENIZER_FORMAT = "lmforge.sentencepiece"
+TOKENIZER_VERSION = 1
+TOKENIZER_FILENAME = "tokenizer.json"
+
+
+# --- checkpoint header -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Llama2cHeader:
+    """The shape of a llama2.c checkpoint and where its floats start."""
+
+    version: int
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+    shared_classifier: bool
+    data_offset: int  # bytes before the first float
+
+    @property
+    def head_size(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_size
+
+    def arrays(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every fp32 array in file order, RoPE tables included."""
+        L, D, H, V = self.n_layers, self.dim, self.hidden_dim, self.vocab_size
+        weights = {
+            "token_embedding": (V, D),
+            "rms_att": (L, D),
+            "rms_ffn": (L, D),
+            "rms_final": (D,),
+            "wq": (L, D, D),
+            "wk": (L, self.kv_dim, D),
+            "wv": (L, self.kv_dim, D),
+            "wo": (L, D, D),
+            "w1": (L, H, D),
+            "w2": (L, D, H),
+            "w3": (L, H, D),
+            "freq_cis_real": (self.seq_len, self.head_size // 2),
+            "freq_cis_imag": (self.seq_len, self.head_size // 2),
+            "wcls": (V, D),
+        }
+        if self.version == 0:
+            order = ["token_embedding", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]
+            order += ["freq_cis_real", "freq_cis_imag"]
+        else:
+            order = ["rms_att", "rms_ffn", "rms_final", "token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+        if not self.shared_classifier:
+            order.append("wcls")
+        return [(name, weights[name]) for name in order]
+
+    def file_size(self) -> int:
+        """The exact size in bytes of a checkpoint with this header."""
+        floats = sum(int(np.prod(shape)) for _, shape in self.arrays())
+        return self.data_offset + FLOAT_BYTES * floats
+
+    def describe(self) -> str:
+        return (
+            f"dim={self.dim} hidden_dim={self.hidden_dim} n_layers={self.n_layers} n_heads={self.n_heads} "
+            f"n_kv_heads={self.n_kv_heads} vocab_size={self.vocab_size} seq_len={self.seq_len}"
+        )
+
+    def config(self, name: str) -> Config:
+        """Our Config for this model: Llama switches, llama2.c's fixed eps and RoPE base."""
+        return Config(
+            name=name,
+            vocab_size=self.vocab_size,
+            context_length=self.seq_len,
+            n_layer=self.n_layers,
+            n_head=self.n_heads,
+            n_kv_head=self.n_kv_heads,
+            n_embd=self.dim,
+            head_dim=self.head_size,
+            mlp="swiglu",
+            mlp_hidden=self.hidden_dim,
+            norm="rmsnorm",
+            norm_eps=1e-5,  # run.c's rmsnorm
+            positions="rope",
+            rope_theta=10000.0,  # run.c's RoPE
+            bias=False,
+            tie_embeddings=self.shared_classifier,
+        )
+
+
+def read_header(path: str | os.PathLike) -> Llama2cHeader:
+    """Parse and sanity-check a llama2.c checkpoint header, and check the file's size against it."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"no llama2.c checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(V1_HEADER_BYTES)
+    _refuse_other_formats(path, head)
+    if len(head) >= 8 and struct.unpack("<I", head[:4])[0] == MAGIC:
+        header = _versioned_header(path, head)
+    else:
+        header = _legacy_header(path, head)
+    _check_shape(path, header)
+    _check_size(path, header)
+    return header
+
+
+def _refuse_other_formats(path: Path, head: bytes) -> None:
+    """Name the usual wrong files (a PyTorch or GGUF checkpoint) instead of reporting a bad shape."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        raise LmforgeError(
+            f"{path} is a PyTorch checkpoint (zip/pickle), not a llama2.c .bin: for Hugging Face weights "
+            "give the model folder (with config.json and model.safetensors) instead"
+        )
+    if head.startswith(b"GGUF"):
+        raise LmforgeError(f"{path} is a GGUF file (llama.cpp), not a llama2.c .bin checkpoint")
+
+
+def _legacy_header(path: Path, head: bytes) -> Llama2cHeader:
+    if len(head) < V0_HEADER_BYTES:
+        raise LmforgeError(f"{path} has {len(head)} bytes: too short for a llama2.c checkpoint header ({V0_HEADER_BYTES} bytes)")
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack("<7i", head[:V0_HEADER_BYTES])
+    return Llama2cHeader(0, dim, hidden, layers, heads, kv_heads, abs(vocab), seq_len, vocab > 0, V0_HEADER_BYTES)
+
+
+def _versioned_header(path: Path, head: bytes) -> Llama2cHeader:
+    if len(head) < V1_HEADER_BYTES:
+        raise LmforgeError(f"{path} is truncated: its 'ak42' header needs {V1_HEADER_BYTES} bytes, the file has {len(head)}")
+    (version,) = struct.unpack("<i", head[4:8])
+    if version == 2:
+        raise LmforgeError(
+            f"{path} is a llama2.c version 2 (int8 Q8_0 quantized) checkpoint, which lmforge does not read; "
+            "re-export the model in fp32 with llama2.c's `python export.py out.bin --version 0` (or --version 1)"
+        )
+    if version != 1:
+        raise LmforgeError(f"{path} has llama2.c's 'ak42' magic but version {version}; lmforge reads versions 0 and 1")
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack("<7i", head[8:36])
+    # the flag is authoritative in v1; abs() because export.py's legacy export negates vocab_size in place
+    return Llama2cHeader(1, dim, hidden, layers, heads, kv_heads, abs(vocab), seq_len, bool(head[36]), V1_HEADER_BYTES)
+
+
+def _check_shape(path: Path, h: Llama2cHeader) -> None:
+    """A random file's first 28 bytes almost never describe a buildable transformer."""
+    fields = (h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.vocab_size, h.seq_len)
+    plausible = (
+        all(v > 0 for v in fields)
+        and h.dim % h.n_heads == 0
+        and h.n_heads % h.n_kv_heads == 0
+        and h.head_size % 2 == 0
+    )
+    if not plausible:
+        raise LmforgeError(
+            f"{path} is not a llama2.c checkpoint: its header reads {h.describe()}, which is no valid model "
+            "(all positive, n_heads dividing dim into even heads, n_kv_heads dividing n_heads)"
+        )
+
+
+def _check_size(path: Path, h: Llama2cHeader) -> None:
+    actual, expected = path.stat().st_size, h.file_size()
+    if actual < expected:
+        raise LmforgeError(
+            f"{path} is truncated: a llama2.c v{h.version} checkpoint with {h.describe()} "
+            f"({'shared' if h.shared_classifier else 'separate'} classifier) has {expected:,} bytes, "
+            f"this file has {actual:,}; download or export it again"
+        )
+    if actual > expected:
+        raise LmforgeError(
+            f"{path} has {actual - expected:,} bytes more than a llama2.c v{h.version} checkpoint with "
+            f"{h.describe()} ({expected:,} bytes): it is not an fp32 llama2.c checkpoint of that shape "
+            "(or it is corrupt)"
+        )
+
+
+# --- checkpoint weights ----------------------------------------------------------------
+def read_arrays(path: str | os.PathLike, header: Llama2cHeader) -> dict[str, np.ndarray]:
+    """Every array of the checkpoint by its llama2.c name, memory-mapped (nothing is read yet)."""
+    floats = np.memmap(path, dtype="<f4", mode="r", offset=header.data_offset)
+    arrays, start = {}, 0
+    for name, shape in header.arrays():
+        n = int(np.prod(shape))
+        arrays[name] = floats[start : start + n].reshape(shape)
+        start += n
+    return arrays
+
+
+def interleaved_to_half_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from pairs (2i, 2i+1) to pairs (i, i + hd/2).
+
+    Row 2i of a head becomes row i and row 2i+1 becomes row i + hd/2, so the pair
+    llama2.c rotates together lands where our "rotate half" RoPE rotates together.
+    """
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.view(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def state_dict_from_arrays(arrays: dict[str, np.ndarray], header: Llama2cHeader) -> dict[str, torch.Tensor]:
+    """llama2.c arrays -> our GPT's state dict (w1 -> gate, w3 -> up, w2 -> down)."""
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # copies out of the memory map
+
+    sd = {"tok_emb.weight": t(arrays["token_embedding"]), "norm_f.weight": t(arrays["rms_final"])}
+    sd["lm_head.weight"] = sd["tok_emb.weight"] if header.shared_classifier else t(arrays["wcls"])
+    for i in range(header.n_layers):
+        p = f"blocks.{i}."
+        sd[p + "norm1.weight"] = t(arrays["rms_att"][i])
+        sd[p + "attn.q.weight"] = interleaved_to_half_rope(t(arrays["wq"][i]), header.n_heads)
+        sd[p + "attn.k.weight"] = interleaved_to_half_rope(t(arrays["wk"][i]), header.n_kv_heads)
+        sd[p + "attn.v.weight"] = t(arrays["wv"][i])
+        sd[p + "attn.o.weight"] = t(arrays["wo"][i])
+        sd[p + "norm2.weight"] = t(arrays["rms_ffn"][i])
+        sd[p + "mlp.gate.weight"] = t(arrays["w1"][i])
+        sd[p + "mlp.up.weight"] = t(arrays["w3"][i])
+        sd[p + "mlp.down.weight"] = t(arrays["w2"][i])
+    return sd
+
+
+def _empty_model(config: Config, device: str | torch.device) -> GPT:
+    """A GPT with uninitialised weights (no time spent on random init that is overwritten)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    model.inv_freq = rope_inv_freq(config).to(device)  # a non-persistent buffer: rebuild it
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # to_empty unties
+    return model
+
+
+def load_llama2c(
+    path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> GPT:
+    """A llama2.c checkpoint (v0 or v1 fp32) -> GPT in eval mode, with `.tokenizer` set.
+
+    The tokenizer is `tokenizer_path` if given, else the one llama2.c keeps beside the
+    model (see `find_tokenizer`); with none there, `.tokenizer` is None.
+    """
+    path = Path(path)
+    header = read_header(path)
+    model = _empty_model(header.config(path.stem), device)
+    model.load_state_dict(state_dict_from_arrays(read_arrays(path, header), header))
+    tok_file = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(path, header.vocab_size)
+    model.tokenizer = Llama2cTokenizer.load_bin(tok_file, header.vocab_size) if tok_file is not None else None
+    return model.eval()
+
+
+def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path | None:
+    """The tokenizer.bin beside a llama2.c model, or None.
+
+    llama2.c names a custom tokenizer `tok{vocab_size}.bin` and the Llama 2 one
+    `tokenizer.bin`; failing both, a single other `tok*.bin` is taken. Several
+    candidates and none named for this vocabulary is ambiguous: warn, take none.
+    """
+    model_path = Path(model_path)
+    folder = model_path.parent
+    for name in (f"tok{vocab_size}.bin", "tokenizer.bin"):
+        if (folder / name).is_file() and folder / name != model_path:
+            return folder / name
+    others = sorted(p for p in folder.glob("tok*.bin") if p.is_file() and p != model_path)
+    if len(others) == 1:
+        return others[0]
+    if others:
+        warnings.warn(
+            f"several tokenizers beside {model_path} ({', '.join(p.name for p in others)}) and none named "
+            f"tok{vocab_size}.bin: loading the model without one; pass tokenizer_path to load_llama2c",
+            stacklevel=3,
+        )
+    return None
+
+
+# --- tokenizer -------------------------------------------------------------------------
+_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+
+
+class Llama2cTokenizer:
+    """llama2.c's sentencepiece-style BPE: pieces (raw bytes, "▁" already turned into " ") with scores.
+
+    encode is run.c's `encode`; decode is run.c's `decode` applied along the sequence,
+    with two deliberate differences, both so that text round-trips:
+
+    - BOS (1) and EOS (2) decode to nothing: they mark sequence boundaries (their
+      pieces are "\\n<s>\\n" and "\\n</s>\\n"; run.c never prints the BOS a sequence
+      starts with and stops at a generated one);
+    - every byte is kept, where run.c's `safe_printf` drops single non-printable
+      bytes (which would lose byte-fallback characters such as Korean).
+
+    Streaming: decode_bytes(a + b) == decode_bytes(a) + decode_bytes(b), except when `a`
+    ends with BOS and b's first piece starts with a space, which run.c (like
+    sentencepiece) strips after BOS. Decoding a continuation token by token is
+    therefore exact as long as the token before it (BOS after a bare-BOS prompt) is
+    decoded together with it: decode_bytes([prev] + ids)[len(decode_bytes([prev])):].
+    """
+
+    bos_id = 1
+    eos_id = 2
+
+    def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], max_token_length: int | None = None) -> None:
+        if len(pieces) != len(scores):
+            raise LmforgeError(f"a tokenizer needs one score per piece: got {len(pieces)} pieces and {len(scores)} scores")
+        if len(pieces) <= self.eos_id:
+            raise LmforgeError(f"a llama2.c tokenizer has <unk>, <s>, </s> first: got only {len(pieces)} pieces")
+        self.pieces = [bytes(p) for p in pieces]
+        self.scores = [float(np.float32(s)) for s in scores]  # run.c compares float32 scores
+        self.max_token_length = max_token_length if max_token_length is not None else max(map(len, self.pieces))
+        self._ids: dict[bytes, int] = {}
+        for i, piece in enumerate(self.pieces):
+            self._ids.setdefault(piece, i)  # duplicates: the first id wins
+        self._byte_ids = self._find_byte_ids()
+        self._text = [self._piece_text(i) for i in range(len(self.pieces))]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def _find_byte_ids(self) -> dict[int, int]:
+        """byte value -> id of its "<0xXX>" piece (run.c assumes id = byte + 3; we look it up)."""
+        out: dict[int, int] = {}
+        for i, piece in enumerate(self.pieces):
+            if m := _BYTE_PIECE.fullmatch(piece):
+                out.setdefault(int(m.group(1), 16), i)
+        return out
+
+    def _piece_text(self, i: int) -> bytes:
+        """The bytes id `i` stands for, before the after-BOS rule."""
+        if i in (self.bos_id, self.eos_id):
+            return b""
+        if m := _BYTE_PIECE.fullmatch(self.pieces[i]):
+            return bytes([int(m.group(1), 16)])
+        return self.pieces[i]
+
+    # --- tokenizer.bin -----------------------------------------------------------------
+    @classmethod
+    def load_bin(cls, path: str | os.PathLike, vocab_size: int | None = None) -> Llama2cTokenizer:
+        """Read llama2.c's tokenizer.bin: int32 max_token_length, then per piece float32 score, int32 length, bytes.
+
+        The file does not store its size: with `vocab_size` (the model's), exactly that
+        many pieces must fill the file, so a tokenizer of another model is an error.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise LmforgeError(f"no llama2.c tokenizer at {path}")
+        data = path.read_bytes()
+        if len(data) < 4:
+            raise LmforgeError(f"{path} is not a llama2.c tokenizer.bin: {len(data)} bytes")
+        (max_len,) = struct.unpack_from("<i", data, 0)
+        pieces, scores, offset = [], [], 4
+        while offset < len(data) and (vocab_size is None or len(pieces) < vocab_size):
+            if offset + 8 > len(data):
+                raise LmforgeError(f"{path} is truncated inside piece {len(pieces)} (at byte {offset} of {len(data)})")
+            score, n = struct.unpack_from("<fi", data, offset)
+            offset += 8
+            if n < 0 or offset + n > len(data):
+                raise LmforgeError(
+                    f"{path} is truncated or not a llama2.c tokenizer.bin: piece {len(pieces)} claims {n} bytes "
+                    f"at byte {offset}, the file has {len(data)}"
+                )
+            pieces.append(data[offset : offset + n])
+            scores.append(score)
+            offset += n
+        if vocab_size is not None and len(pieces) < vocab_size:
+            raise LmforgeError(f"{path} holds {len(pieces)} pieces, the model has {vocab_size} token ids: truncated or another model's tokenizer")
+        if offset < len(data):
+            raise LmforgeError(
+                f"{path} holds more than {vocab_size} pieces ({len(data) - offset} bytes left over): it is another "
+                "model's tokenizer; pass the right one (llama2.c names custom ones tok<vocab_size>.bin)"
+            )
+        return cls(pieces, scores, max_len)
+
+    # --- our tokenizer.json ------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `tokenizer.json` into the folder `path` (pieces as text; base64 for any not valid UTF-8)."""
+        entries = []
+        for piece, score in zip(self.pieces, self.scores):
+            try:
+                entries.append({"piece": piece.decode("utf-8"), "score": score})
+            except UnicodeDecodeError:
+                entries.append({"piece_base64": base64.b64encode(piece).decode("ascii"), "score": score})
+        doc = {"format": TOKENIZER_FORMAT, "version": TOKENIZER_VERSION, "max_token_length": self.max_token_length, "pieces": entries}
+        file = Path(path) / TOKENIZER_FILENAME
+        atomic_write_text(file, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
+        return file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Llama2cTokenizer:
+        """Read `tokenizer.json` written by `save` (from a folder or the file itself)."""
+        p = Path(path)
+        file = p / TOKENIZER_FILENAME if p.is_dir() else p
+        try:
+            doc = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LmforgeError(f"no {TOKENIZER_FILENAME} at {p}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"{file} is truncated or not JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != TOKENIZER_FORMAT:
+            raise LmforgeError(f"{file} is not a {TOKENIZER_FORMAT} tokenizer (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+        if doc.get("version") != TOKENIZER_VERSION:
+            raise LmforgeError(f"{file} has format version {doc.get('version')}; this lmforge reads version {TOKENIZER_VERSION}")
+        try:
+            pieces = [_entry_bytes(e) for e in doc["pieces"]]
+            scores = [float(e["score"]) for e in doc["pieces"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise LmforgeError(f"{file} has a malformed piece list ({e!r})") from None
+        return cls(pieces, scores, doc.get("max_token_length"))
+
+    # --- encode ------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """run.c's encode: BOS, a dummy-prefix space, one piece per character (its UTF-8 bytes
+        as byte pieces when the character is not a piece), then merge best-scored pairs.
+
+        BOS is on by default because a llama2.c model saw BOS before every story (run.c
+        prompts with it) and because it makes decode(encode(text)) == text.
+        """
+        ids = [self.bos_id] if bos else []
+        if text:
+            ids += self._merge(self._character_ids(text.encode("utf-8", "surrogatepass")))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def _character_ids(self, data: bytes) -> list[int]:
+        """The dummy prefix, then each UTF-8 character's piece, or byte pieces if it has none."""
+        space = self._ids.get(b" ")
+        if space is None:
+            raise LmforgeError("this vocabulary has no ' ' piece for sentencepiece's dummy prefix; it is not a llama2.c tokenizer")
+        ids = [space]
+        char = bytearray()
+        for k, b in enumerate(data):
+            if b & 0xC0 != 0x80:  # a leading or ASCII byte starts a new character
+                char.clear()
+            char.append(b)
+            continues = k + 1 < len(data) and data[k + 1] & 0xC0 == 0x80
+            if continues and len(char) < 4:
+                continue
+            piece_id = self._ids.get(bytes(char))
+            ids += [piece_id] if piece_id is not None else [self._byte_id(c) for c in char]
+            char.clear()
+        return ids
+
+    def _byte_id(self, byte: int) -> int:
+        try:
+            return self._byte_ids[byte]
+        except KeyError:
+            raise LmforgeError(f"this vocabulary has no <0x{byte:02X}> byte piece, so it cannot encode that byte") from None
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        """run.c's merge loop: merge the adjacent pair whose joined piece scores best (leftmost
+        on ties) until none joins into a piece, in O(n log n) with a heap.
+
+        Nodes keep their first index, so the leftmost current pair is the one with the
+        smallest left index; heap entries that no longer match their pair are skipped.
+        """
+        n = len(ids)
+        nxt = list(range(1, n)) + [-1]
+        prv = list(range(-1, n - 1))
+        heap: list[tuple[float, int, int, int]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i] if i >= 0 else -1
+            if j < 0:
+                return
+            merged = self._ids.get(self.pieces[ids[i]] + self.pieces[ids[j]])
+            if merged is not None and self.scores[merged] > -1e10:  # run.c's starting best_score
+                heapq.heappush(heap, (-self.scores[merged], i, ids[i], ids[j]))
+
+        for i in range(n - 1):
+            push(i)
+        alive = [True] * n
+        while heap:
+            _, i, left, right = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else -1
+            if j < 0 or ids[i] != left or ids[j] != right:
+                continue  # stale: this pair has changed since it was pushed
+            ids[i] = self._ids[self.pieces[left] + self.pieces[right]]
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] >= 0:
+                prv[nxt[j]] = i
+            push(prv[i])
+            push(i)
+        return [t for t, keep in zip(ids, alive) if keep]
+
+    # --- decode ------------------------------------------------------------------------
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The bytes run.c prints for `ids` (see the class docstring for the two differences)."""
+        out = bytearray()
+        prev = None
+        for t in ids:
+            t = int(t)
+            if not 0 <= t < len(self.pieces):
+                raise LmforgeError(f"token id {t} is outside the vocabulary 0..{len(self.pieces) - 1}")
+            text = self._text[t]
+            if prev == self.bos_id and self.pieces[t].startswith(b" "):
+                text = text[1:]  # sentencepiece drops the dummy-prefix space after BOS
+            out += text
+            prev = t
+        return bytes(out)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """decode_bytes as text; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"Llama2cTokenizer(vocab_size={self.vocab_size})"
+
+
+def _entry_bytes(entry: dict) -> bytes:
+    if "piece_base64" in entry:
+        return base64.b64decode(entry["piece_base64"], validate=True)
+    return entry["piece"].encode("utf-8")

@@ -1,0 +1,75 @@
+"""A chat session: history in, streamed reply out, over the `Engine`.
+
+How turns become tokens is the template's job. Until a model is instruction-tuned
+with a chat template of its own, `PlainTranscript` writes a transcript a base model
+can continue ("User: ...\\nAssistant: ..."), and the reply ends where the model starts
+the user's next line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from lmforge.engine import Engine, end_of_text_ids
+from lmforge.errors import LmforgeError
+from lmforge.sampling import SamplingParams
+
+
+@dataclass
+class PlainTranscript:
+    """The fallback template: a plain-text transcript."""
+
+    stop_strings: tuple[str, ...] = ("\nUser:",)
+
+    def render(self, system: str | None, turns: list[tuple[str, str]], user: str) -> str:
+        lines = [system.strip(), ""] if system else []
+        for u, a in turns:
+            lines += [f"User: {u}", f"Assistant: {a}"]
+        lines += [f"User: {user}", "Assistant:"]
+        return "\n".join(lines)
+
+
+@dataclass
+class ChatSession:
+    """Keeps the turns; drops the oldest ones when the transcript no longer fits the context."""
+
+    engine: Engine
+    system: str | None = None
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.9)
+    max_new_tokens: int = 256
+    seed: int | None = None
+    template: PlainTranscript = field(default_factory=PlainTranscript)
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def reply(self, user: str) -> Iterator[str]:
+        """Stream the assistant's reply to `user`, then remember the turn."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise LmforgeError("chat needs a model with a tokenizer")
+        budget = self.engine.config.context_length - self.max_new_tokens
+        while True:
+            prompt = tok.encode(self.template.render(self.system, self.turns, user))
+            if len(prompt) <= budget or not self.turns:
+                break
+            self.turns.pop(0)  # forget the oldest turn
+        if len(prompt) > budget:
+            raise LmforgeError(
+                f"this message needs {len(prompt)} tokens, more than the {budget} the context leaves "
+                f"after {self.max_new_tokens} for the reply; write less or lower --max-new-tokens"
+            )
+        pieces = []
+        for _, text in self.engine.stream(
+            prompt,
+            max_new_tokens=self.max_new_tokens,
+            sampling=self.sampling,
+            seed=None if self.seed is None else self.seed + len(self.turns),
+            stop_ids=end_of_text_ids(tok),
+            stop_strings=self.template.stop_strings,
+        ):
+            pieces.append(text)
+            yield text
+        self.turns.append((user, "".join(pieces).strip()))

@@ -1,0 +1,77 @@
+"""`lmforge generate` and `lmforge chat` end to end on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge.config import Config
+from lmforge.engine import Engine, generate_uncached
+from lmforge.model import GPT
+from lmforge.pretrained import load, save_pretrained
+from lmforge.sampling import SamplingParams
+
+
+def lmforge(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], input=stdin, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, small_tok):
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("nano", vocab_size=small_tok.vocab_size, n_layer=2, init_std=0.2))
+    path = tmp_path_factory.mktemp("model")
+    save_pretrained(model, path, small_tok)
+    return path
+
+
+def test_saved_model_loads_with_identical_logits(model_dir):
+    a, b = load(model_dir), load(model_dir)
+    ids = torch.randint(0, a.config.vocab_size, (2, 12))
+    assert torch.equal(a(ids), b(ids)) and a.tokenizer is not None
+
+
+def test_generate_ids_prints_exactly_the_greedy_ids(model_dir):
+    proc = lmforge("generate", "--model", str(model_dir), "--prompt-ids", "5,6,7", "--max-new-tokens", "12", "--temperature", "0", "--ids")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout) == generate_uncached(load(model_dir), [5, 6, 7], 12)[0]
+
+
+def test_generate_text_streamed_equals_unstreamed(model_dir):
+    args = ["generate", "--model", str(model_dir), "--prompt", "To be", "--max-new-tokens", "15", "--seed", "3", "--temperature", "0.9"]
+    plain, streamed = lmforge(*args), lmforge(*args, "--stream")
+    assert plain.returncode == 0 and streamed.returncode == 0
+    assert plain.stdout == streamed.stdout
+    model = load(model_dir)
+    expected = Engine(model, model.tokenizer).generate(["To be"], max_new_tokens=15, sampling=SamplingParams(temperature=0.9), seed=3)[0]
+    assert plain.stdout.decode() == "To be" + expected.text + "\n"
+
+
+def test_chat_keeps_history(model_dir):
+    proc = lmforge("chat", "--model", str(model_dir), "--max-new-tokens", "6", "--seed", "1", stdin="hello\n/reset\nhello\n".encode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    replies = proc.stdout.decode().splitlines()
+    assert len(replies) == 2 and replies[0] == replies[1]  # /reset: the same first turn again
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--prompt-ids", "99999"], "outside the vocabulary"),
+        (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt-ids", "1", "--device", "gpu0"], "is not a device name"),
+    ],
+)
+def test_generate_errors(model_dir, args, message):
+    proc = lmforge("generate", "--model", str(model_dir), *args)
+    assert proc.returncode == 2 and message in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    proc = lmforge("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1")
+    assert proc.returncode == 2 and "neither a model folder" in proc.stderr.decode()

@@ -1,0 +1,432 @@
+"""llama2.c import: stories260K reproduces llama2.c's documented greedy story, token for token.
+
+The oracles are independent of the code under test: `expected_greedy.json` (a numpy
+re-implementation whose text equals llama2.c's documented output), and, written here,
+a run.c-style numpy forward pass, a tokenizer.bin reader, and run.c's encode and
+decode spelled out naively.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmforge.engine import Engine, KVCache, generate_uncached
+from lmforge.errors import LmforgeError
+from lmforge.interop.llama2c import Llama2cTokenizer, load_llama2c
+from lmforge.pretrained import load, save_pretrained
+from lmforge.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+BOS, EOS = 1, 2
+
+
+# --- independent oracles ---------------------------------------------------------------
+def read_tok_bin(path: Path) -> tuple[list[bytes], list[float]]:
+    """tokenizer.bin: int32 max_token_length, then per piece float32 score, int32 length, bytes."""
+    data = path.read_bytes()
+    pieces, scores, offset = [], [], 4
+    while offset < len(data):
+        score, n = struct.unpack_from("<fi", data, offset)
+        pieces.append(data[offset + 8 : offset + 8 + n])
+        scores.append(score)
+        offset += 8 + n
+    return pieces, scores
+
+
+def reference_encode(pieces: list[bytes], scores: list[float], text: str) -> list[int]:
+    """run.c's encode, naively: BOS, dummy " ", per character its piece or bytes + 3, then
+    repeatedly merge the adjacent pair whose joined piece has the best score (first on ties)."""
+    vocab: dict[bytes, int] = {}
+    for i, p in enumerate(pieces):
+        vocab.setdefault(p, i)
+    tokens = [BOS, vocab[b" "]] if text else [BOS]
+    for ch in text:
+        b = ch.encode("utf-8")
+        tokens += [vocab[b]] if b in vocab else [x + 3 for x in b]
+    while True:
+        best_score, best_id, best_idx = -1e10, -1, -1
+        for i in range(len(tokens) - 1):
+            merged = vocab.get(pieces[tokens[i]] + pieces[tokens[i + 1]])
+            if merged is not None and scores[merged] > best_score:
+                best_score, best_id, best_idx = scores[merged], merged, i
+        if best_idx == -1:
+            return tokens
+        tokens[best_idx : best_idx + 2] = [best_id]
+
+
+def reference_decode(pieces: list[bytes], ids: list[int]) -> bytes:
+    """run.c's decode along a sequence; BOS/EOS print nothing, every byte is kept."""
+    out, prev = b"", None
+    for t in ids:
+        piece = pieces[t]
+        if prev == BOS and piece[:1] == b" ":
+            piece = piece[1:]
+        if t in (BOS, EOS):
+            piece = b""
+        elif len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+            piece = bytes([int(piece[3:5], 16)])
+        out += piece
+        prev = t
+    return out
+
+
+def reference_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    """run.c's forward pass in float64 numpy (interleaved RoPE, legacy layout), one row per token."""
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = (int(v) for v in np.fromfile(path, "<i4", 7))
+    shared_cls, vocab = vocab > 0, abs(vocab)
+    hs = dim // n_heads
+    kv_dim = n_kv * hs
+    floats = np.fromfile(path, "<f4", offset=28).astype(np.float64)
+    at = 0
+
+    def take(*shape: int) -> np.ndarray:
+        nonlocal at
+        n = int(np.prod(shape))
+        at += n
+        return floats[at - n : at].reshape(shape)
+
+    emb, rms_att = take(vocab, dim), take(n_layers, dim)
+    wq, wk, wv, wo = take(n_layers, dim, dim), take(n_layers, kv_dim, dim), take(n_layers, kv_dim, dim), take(n_layers, dim, dim)
+    rms_ffn, w1, w2, w3 = take(n_layers, dim), take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
+    rms_final = take(dim)
+    take(seq_len, hs // 2), take(seq_len, hs // 2)
+    wcls = emb if shared_cls else take(vocab, dim)
+
+    def rmsnorm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return w * x / np.sqrt((x * x).mean() + 1e-5)
+
+    def rope(v: np.ndarray, pos: int) -> np.ndarray:
+        v = v.copy()
+        for i in range(0, len(v), 2):
+            angle = pos / 10000.0 ** ((i % hs) / hs)
+            c, s = np.cos(angle), np.sin(angle)
+            v[i], v[i + 1] = v[i] * c - v[i + 1] * s, v[i] * s + v[i + 1] * c
+        return v
+
+    keys = [[] for _ in range(n_layers)]
+    values = [[] for _ in range(n_layers)]
+    out = []
+    for pos, token in enumerate(tokens):
+        x = emb[token].copy()
+        for layer in range(n_layers):
+            xb = rmsnorm(x, rms_att[layer])
+            q, k, v = rope(wq[layer] @ xb, pos), rope(wk[layer] @ xb, pos), wv[layer] @ xb
+            keys[layer].append(k)
+            values[layer].append(v)
+            K, V = np.stack(keys[layer]), np.stack(values[layer])
+            heads = []
+            for h in range(n_heads):
+                g = h // (n_heads // n_kv)
+                score = K[:, g * hs : (g + 1) * hs] @ q[h * hs : (h + 1) * hs] / np.sqrt(hs)
+                att = np.exp(score - score.max())
+                heads.append((att / att.sum()) @ V[:, g * hs : (g + 1) * hs])
+            x = x + wo[layer] @ np.concatenate(heads)
+            xb = rmsnorm(x, rms_ffn[layer])
+            gate = w1[layer] @ xb
+            x = x + w2[layer] @ (gate / (1 + np.exp(-gate)) * (w3[layer] @ xb))
+        out.append(wcls @ rmsnorm(x, rms_final))
+    return np.stack(out)
+
+
+def cached_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """Logits after each token, fed one at a time through a KV cache (the engine's decode path)."""
+    cache = KVCache(model.config, torch.zeros(1, dtype=torch.long), len(ids), torch.float32)
+    rows = []
+    with torch.inference_mode():
+        for t in ids:
+            rows.append(model(torch.tensor([[t]]), pos=cache.positions(1), mask=cache.mask(1), cache=cache)[0, -1])
+    return torch.stack(rows)
+
+
+# --- fixtures --------------------------------------------------------------------------
+WEIGHTS = "weights/stories260K"
+SENTENCES = [
+    "Once upon a time, there was a little girl named Lily.",
+    "She loved to play outside in the park with her big, red ball!",
+    "Tom said, \"I'm sorry, Mom. I didn't know what to do.\"\nThe end.",
+    "  two leading spaces, trailing space ",
+    "Zebras? 123 + 456 = 579; naïve café, ☃ and 안녕하세요 🙂",
+]
+
+
+@pytest.fixture(scope="module")
+def bin_path() -> Path:
+    return shared(f"{WEIGHTS}/stories260K.bin")
+
+
+@pytest.fixture(scope="module")
+def tok_path() -> Path:
+    return shared(f"{WEIGHTS}/tok512.bin")
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return json.loads(shared(f"{WEIGHTS}/expected_greedy.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def model(bin_path: Path):
+    return load(bin_path)
+
+
+@pytest.fixture(scope="module")
+def tok(model) -> Llama2cTokenizer:
+    return model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference_vocab(tok_path: Path) -> tuple[list[bytes], list[float]]:
+    return read_tok_bin(tok_path)
+
+
+@pytest.fixture(scope="module")
+def completion(model, expected):
+    return Engine(model, model.tokenizer).generate([expected["prompt_ids"]], max_new_tokens=200, sampling=GREEDY)[0]
+
+
+# --- the model reproduces llama2.c -----------------------------------------------------
+def test_engine_greedy_reproduces_llama2c_story(completion, tok, expected) -> None:
+    assert expected["prompt_ids"] == [BOS]
+    assert len(expected["generated_ids"]) == 200
+    assert completion.ids == expected["generated_ids"]
+    assert completion.finish_reason == "length"
+    # run.c prints the sequence that starts with the prompt's BOS (whose space rule applies)
+    assert tok.decode(expected["prompt_ids"] + completion.ids) == expected["text"]
+    assert expected["text"].startswith("Once upon a time, there was a little girl named Lily.")
+
+
+def test_engine_text_and_stream_agree(model, tok, completion, expected) -> None:
+    """The engine decodes the continuation alone (no BOS before it): its text is the story
+    with the first piece's space kept, and streaming one token at a time gives the same."""
+    assert completion.text == tok.decode(completion.ids) == " " + expected["text"]
+    streamed = list(Engine(model, tok).stream(expected["prompt_ids"], max_new_tokens=60, sampling=GREEDY))
+    assert [t for t, _ in streamed[:-1]] == expected["generated_ids"][:60]
+    assert "".join(text for _, text in streamed) == tok.decode(expected["generated_ids"][:60])
+
+
+def test_uncached_matches_and_logits_agree(model, expected) -> None:
+    new, uncached = generate_uncached(model, expected["prompt_ids"], 50)
+    assert new == expected["generated_ids"][:50]
+    sequence = expected["prompt_ids"] + new[:-1]  # the inputs whose logits chose those 50 tokens
+    torch.testing.assert_close(cached_logits(model, sequence), torch.stack(uncached), atol=1e-4, rtol=0)
+
+
+def test_logits_match_run_c_forward(model, bin_path, expected) -> None:
+    """A run.c forward pass (interleaved RoPE on the unpermuted weights) gives our logits."""
+    ids = expected["prompt_ids"] + expected["generated_ids"][:15]
+    with torch.inference_mode():
+        ours = model(torch.tensor([ids]))[0].double().numpy()
+    np.testing.assert_allclose(ours, reference_logits(bin_path, ids), atol=1e-4, rtol=0)
+
+
+def test_config_from_header(model) -> None:
+    c = model.config
+    assert (c.n_embd, c.mlp_hidden, c.n_layer, c.n_head, c.n_kv_head, c.vocab_size, c.context_length) == (64, 172, 5, 8, 4, 512, 512)
+    assert (c.norm, c.mlp, c.positions, c.bias, c.norm_eps, c.rope_theta) == ("rmsnorm", "swiglu", "rope", False, 1e-5, 10000.0)
+    assert c.tie_embeddings and model.lm_head.weight is model.tok_emb.weight
+    assert not model.training
+
+
+# --- other layouts: v1 ("ak42") and an unshared classifier -----------------------------
+def _legacy_arrays(path: Path) -> tuple[list[int], dict[str, np.ndarray]]:
+    header = [int(v) for v in np.fromfile(path, "<i4", 7)]
+    dim, hidden, L, nh, nkv, V, seq = header
+    kv = nkv * dim // nh
+    shapes = {
+        "emb": (V, dim), "rms_att": (L, dim), "wq": (L, dim, dim), "wk": (L, kv, dim), "wv": (L, kv, dim),
+        "wo": (L, dim, dim), "rms_ffn": (L, dim), "w1": (L, hidden, dim), "w2": (L, dim, hidden), "w3": (L, hidden, dim),
+        "rms_final": (dim,), "freq_real": (seq, dim // nh // 2), "freq_imag": (seq, dim // nh // 2),
+    }  # fmt: skip
+    floats, at, arrays = np.fromfile(path, "<f4", offset=28), 0, {}
+    for name, shape in shapes.items():
+        n = int(np.prod(shape))
+        arrays[name], at = floats[at : at + n].reshape(shape), at + n
+    assert at == len(floats)
+    return header, arrays
+
+
+def test_version1_file_loads_to_the_same_model(bin_path, tmp_path, model) -> None:
+    header, a = _legacy_arrays(bin_path)
+    head = struct.pack("<Ii7iB", 0x616B3432, 1, *header, 1).ljust(256, b"\0")
+    order = ["rms_att", "rms_ffn", "rms_final", "emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+    v1 = tmp_path / "v1.bin"
+    v1.write_bytes(head + b"".join(a[name].astype("<f4").tobytes() for name in order))
+    other = load_llama2c(v1)
+    assert other.tokenizer is None  # nothing beside it
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(other.state_dict()[name], tensor), name
+
+
+def test_unshared_classifier(bin_path, tmp_path) -> None:
+    header, a = _legacy_arrays(bin_path)
+    header[5] = -header[5]  # negative vocab_size: the classifier follows at the end
+    wcls = (a["emb"][::-1] * 0.5).astype("<f4")
+    f = tmp_path / "unshared.bin"
+    f.write_bytes(struct.pack("<7i", *header) + bin_path.read_bytes()[28:] + wcls.tobytes())
+    m = load_llama2c(f)
+    assert not m.config.tie_embeddings
+    assert torch.equal(m.lm_head.weight, torch.from_numpy(wcls.copy()))
+    assert torch.equal(m.tok_emb.weight, torch.from_numpy(a["emb"].copy()))
+    ids = [BOS, 403, 407, 261]
+    np.testing.assert_allclose(m(torch.tensor([ids]))[0].detach().double().numpy(), reference_logits(f, ids), atol=1e-4, rtol=0)
+
+
+# --- tokenizer -------------------------------------------------------------------------
+def test_tokenizer_reads_every_piece(tok, reference_vocab) -> None:
+    pieces, scores = reference_vocab
+    assert tok.vocab_size == 512 and tok.pieces == pieces and tok.scores == scores
+    assert (tok.bos_id, tok.eos_id) == (BOS, EOS)
+
+
+def test_encode_matches_reference_on_sentences(tok, reference_vocab) -> None:
+    pieces, scores = reference_vocab
+    for s in SENTENCES:
+        assert tok.encode(s) == reference_encode(pieces, scores, s), s
+    assert tok.encode("Once upon a time") == [BOS, 403, 407, 261, 378]
+
+
+@settings(max_examples=150)
+@given(st.text(alphabet=st.sampled_from(list("abcdehilnorstuyLOT .,!?'\"\n-é안🙂")), max_size=40))
+def test_encode_matches_reference(tok, reference_vocab, text: str) -> None:
+    assert tok.encode(text) == reference_encode(*reference_vocab, text)
+
+
+def test_round_trip_on_stories(tok) -> None:
+    text = shared("tinystories/tinystories_sample.txt").read_text(encoding="utf-8")[:20000]
+    for story in text.split("\n\n")[:40]:
+        ids = tok.encode(story)
+        assert ids[0] == BOS and BOS not in ids[1:]
+        assert tok.decode(ids) == story
+        assert len(ids) < len(story.encode("utf-8")) / 2  # the merges do happen
+
+
+def test_byte_fallback_round_trips(tok) -> None:
+    text = "안녕"  # not in a 512-piece English vocabulary: one byte piece per UTF-8 byte
+    ids = tok.encode(text, bos=False)
+    assert ids == [tok.pieces.index(b" ")] + [b + 3 for b in text.encode("utf-8")]
+    assert tok.decode([BOS] + ids) == text
+    assert tok.decode_bytes(ids[1:]) == text.encode("utf-8")
+
+
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=30))
+def test_round_trip_any_text(tok, text: str) -> None:
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_bos_eos_and_empty(tok) -> None:
+    assert tok.encode("") == [BOS]
+    assert tok.encode("", bos=False) == []
+    assert tok.encode("Lily", bos=False, eos=True)[-1] == EOS
+    assert tok.decode([BOS, EOS]) == ""
+    assert tok.decode([BOS, 403]) == "Once" and tok.decode([403]) == " Once"
+
+
+@given(st.lists(st.integers(0, 511), max_size=12), st.lists(st.integers(0, 511), max_size=12))
+def test_decode_is_runc_decode_and_concatenates(tok, reference_vocab, a: list[int], b: list[int]) -> None:
+    pieces, _ = reference_vocab
+    assert tok.decode_bytes(a + b) == reference_decode(pieces, a + b)
+    bos_strips = bool(a) and a[-1] == BOS and bool(b) and pieces[b[0]].startswith(b" ")
+    if not bos_strips:
+        assert tok.decode_bytes(a + b) == tok.decode_bytes(a) + tok.decode_bytes(b)
+
+
+def test_decode_rejects_unknown_ids(tok) -> None:
+    for bad in (512, -1):
+        with pytest.raises(LmforgeError, match="outside the vocabulary"):
+            tok.decode([bad])
+
+
+# --- lmforge.load and our model folder -------------------------------------------------
+def test_load_bin_then_save_and_reload_folder(model, tok, tmp_path, expected) -> None:
+    folder = save_pretrained(model, tmp_path / "stories")
+    saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    assert saved["format"] == "lmforge.sentencepiece"
+    again = load(folder)
+    assert isinstance(again.tokenizer, Llama2cTokenizer)
+    ids = torch.tensor([expected["prompt_ids"] + expected["generated_ids"][:100]])
+    with torch.inference_mode():
+        assert torch.equal(again(ids), model(ids))
+    assert again.config.tie_embeddings and again.lm_head.weight is again.tok_emb.weight
+    assert again.tokenizer.pieces == tok.pieces and again.tokenizer.scores == tok.scores
+    for s in SENTENCES:
+        assert again.tokenizer.encode(s) == tok.encode(s)
+    assert again.tokenizer.decode(expected["prompt_ids"] + expected["generated_ids"]) == expected["text"]
+
+
+def test_tokenizer_json_keeps_non_utf8_pieces(tmp_path) -> None:
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ", b"a", b"\xff\xfe", b" a"]
+    tok = Llama2cTokenizer(pieces, [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -0.5])
+    again = Llama2cTokenizer.load(tok.save(tmp_path))
+    assert again.pieces == pieces and again.scores == tok.scores
+    assert again.encode("aa") == tok.encode("aa") == [BOS, 6, 4]
+
+
+def test_tokenizer_found_beside_the_model_or_given(bin_path, tok_path, tmp_path) -> None:
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(bin_path, alone / "model.bin")
+    assert load(alone / "model.bin").tokenizer is None
+    given_tok = load_llama2c(alone / "model.bin", tokenizer_path=tok_path).tokenizer
+    assert given_tok is not None and given_tok.vocab_size == 512
+    shutil.copy(tok_path, alone / "tokenizer.bin")
+    assert load(alone / "model.bin").tokenizer.pieces == given_tok.pieces
+
+
+# --- errors ----------------------------------------------------------------------------
+def test_truncated_bin(bin_path, tmp_path) -> None:
+    for size in (len(bin_path.read_bytes()) - 4, 1000, 10):
+        f = tmp_path / f"cut{size}.bin"
+        f.write_bytes(bin_path.read_bytes()[:size])
+        with pytest.raises(LmforgeError, match="truncated|too short"):
+            load(f)
+
+
+def test_foreign_files(bin_path, tmp_path) -> None:
+    text = tmp_path / "shakespeare.bin"
+    text.write_bytes(shared("tinyshakespeare.txt").read_bytes()[:100_000])
+    with pytest.raises(LmforgeError, match="not a llama2.c checkpoint"):
+        load(text)
+    pickle = tmp_path / "pytorch_model.bin"
+    pickle.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(LmforgeError, match="PyTorch checkpoint"):
+        load(pickle)
+    longer = tmp_path / "longer.bin"
+    longer.write_bytes(bin_path.read_bytes() + bytes(4))
+    with pytest.raises(LmforgeError, match="bytes more than"):
+        load(longer)
+    quantized = tmp_path / "q80.bin"
+    quantized.write_bytes(struct.pack("<Ii7iB", 0x616B3432, 2, 64, 172, 5, 8, 4, 512, 512, 1).ljust(4096, b"\0"))
+    with pytest.raises(LmforgeError, match="Q8_0"):
+        load(quantized)
+    with pytest.raises(LmforgeError, match="no llama2.c checkpoint"):
+        load_llama2c(tmp_path / "missing.bin")
+
+
+def test_tokenizer_errors(tok_path, tmp_path) -> None:
+    data = tok_path.read_bytes()
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(data[: len(data) - 3])
+    with pytest.raises(LmforgeError, match="truncated"):
+        Llama2cTokenizer.load_bin(cut, 512)
+    with pytest.raises(LmforgeError, match="another model's tokenizer"):
+        Llama2cTokenizer.load_bin(tok_path, 256)
+    with pytest.raises(LmforgeError, match="truncated or another"):
+        Llama2cTokenizer.load_bin(tok_path, 32000)
+    with pytest.raises(LmforgeError, match="no llama2.c tokenizer"):
+        Llama2cTokenizer.load_bin(tmp_path / "missing.bin", 512)
+    (tmp_path / "tokenizer.json").write_text('{"format": "lmforge.tokenizer"}', encoding="utf-8")
+    with pytest.raises(LmforgeError, match="not a lmforge.sentencepiece"):
+        Llama2cTokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"format": "lmforge.senten', encoding="utf-8")
+    with pytest.raises(LmforgeError, match="truncated or not JSON"):
+        Llama2cTokenizer.load(tmp_path)
