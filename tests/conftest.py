@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 from lmforge.corpus import ReadStats, iter_documents, resolve_inputs
@@ -14,6 +15,8 @@ from lmforge.tokenizer import Tokenizer, from_gpt2_files, train_bpe
 # The machine is shared and noisy: no example may fail for taking long.
 settings.register_profile("lmforge", deadline=None)
 settings.load_profile("lmforge")
+# The test models are tiny: threads only add overhead there (and contention on a busy machine).
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2"

@@ -38,8 +38,10 @@ class TextCodec(Protocol):
 
 
 def end_of_text_ids(tokenizer: object | None) -> list[int]:
-    """The ids that end a text for this tokenizer (`<|endoftext|>`, or a sentencepiece EOS)."""
-    ids = [getattr(tokenizer, name, None) for name in ("eot_id", "eos_id")]
+    """The ids that end a text for this tokenizer: `<|endoftext|>`, or a sentencepiece EOS,
+    and its BOS too (a model that starts a new sequence has finished this one, as
+    llama2.c's run.c stops there)."""
+    ids = [getattr(tokenizer, name, None) for name in ("eot_id", "eos_id", "bos_id")]
     return sorted({i for i in ids if i is not None})
 
 
@@ -202,13 +204,13 @@ class Engine:
                     done[b], reason[b] = True, "stop"
                     continue
                 out[b].append(t)
-                if stop_strings and _find_stop(self.tokenizer.decode(out[b]), stop_strings) is not None:
+                if stop_strings and _find_stop(self._decode_after(rows[b], out[b]), stop_strings) is not None:
                     done[b], reason[b] = True, "stop"
                 elif len(out[b]) == max_new_tokens:
                     done[b], reason[b] = True, "length"
             if all(done):
                 break
-        return [Completion(ids, self._text(ids, stop_strings), r) for ids, r in zip(out, reason)]
+        return [Completion(ids, self._text(row, ids, stop_strings), r) for row, ids, r in zip(rows, out, reason)]
 
     def stream(
         self,
@@ -230,7 +232,7 @@ class Engine:
         if stop_strings and self.tokenizer is None:
             raise LmforgeError("stop strings need a tokenizer")
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        text, sent = "", 0
+        text, sent, previous = "", 0, rows[0][-1]
         for token, _ in self.steps(rows, max_new_tokens, sampling, seed):
             t = int(token[0])
             if t in stop_ids:
@@ -238,7 +240,8 @@ class Engine:
             if self.tokenizer is None:
                 yield t, ""
                 continue
-            text += decoder.decode(self.tokenizer.decode_bytes([t]))
+            text += decoder.decode(self._bytes_after([previous], [t]))
+            previous = t
             cut = _find_stop(text, stop_strings)
             if cut is not None:
                 yield t, text[sent:cut]
@@ -250,10 +253,19 @@ class Engine:
         if text[sent:]:
             yield None, text[sent:]
 
-    def _text(self, ids: list[int], stop_strings: Sequence[str]) -> str | None:
+    def _bytes_after(self, context: list[int], ids: list[int]) -> bytes:
+        """The bytes `ids` add after `context`: a sentencepiece tokenizer drops the space
+        of a piece that follows BOS, so a token's text depends on the one before it."""
+        before = self.tokenizer.decode_bytes(context)
+        return self.tokenizer.decode_bytes(context + ids)[len(before) :]
+
+    def _decode_after(self, prompt: list[int], ids: list[int]) -> str:
+        return self._bytes_after(prompt[-1:], ids).decode("utf-8", "replace")
+
+    def _text(self, prompt: list[int], ids: list[int], stop_strings: Sequence[str]) -> str | None:
         if self.tokenizer is None:
             return None
-        text = self.tokenizer.decode(ids)
+        text = self._decode_after(prompt, ids)
         cut = _find_stop(text, stop_strings)
         return text if cut is None else text[:cut]
 

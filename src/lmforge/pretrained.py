@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_file
-from lmforge.model import GPT
+from lmforge.model import GPT, rope_inv_freq
 from lmforge.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -45,24 +47,68 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer: object | Non
     return path
 
 
-def load_weights(model: GPT, file: Path) -> None:
-    """Load a safetensors file into `model`, strictly: a missing or extra key is an error."""
-    try:
-        sd = load_file(file)
-    except (SafetensorError, OSError) as e:
-        raise LmforgeError(f"{file} is not a readable safetensors file ({e}); it may be truncated") from None
+def meta_state_dict(config: Config) -> dict[str, torch.Tensor]:
+    """The model's tensors on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        return GPT(config).state_dict()
+
+
+def check_tensors(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Every expected name present with its shape, nothing else: one error listing all that is wrong."""
+    missing = [k for k in expected if k not in tensors]
+    extra = sorted(k for k in tensors if k not in expected)
+    wrong = [f"{k} is {tuple(tensors[k].shape)}, expected {expected[k]}" for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s): {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+    if wrong:
+        problems.append(f"wrong shape: {'; '.join(wrong[:8])}")
+    if problems:
+        raise LmforgeError(f"{source} does not match its config: {' | '.join(problems)}")
+
+
+def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """Our names and shapes for `config`, a tied head left out (as saved)."""
+    sd = meta_state_dict(config)
+    if config.tie_embeddings:
+        sd.pop("lm_head.weight")
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def empty_model(config: Config, device: str | torch.device = "cpu") -> GPT:
+    """A GPT with allocated, uninitialised weights, for loaders that fill every one of them
+    (no time spent on a random init that would be overwritten)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return _finish(model.to_empty(device=device), device)
+
+
+def model_from_state_dict(
+    config: Config,
+    state_dict: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    source: str = "the checkpoint",
+) -> GPT:
+    """A GPT (eval mode) whose parameters *are* these tensors (moved to device/dtype): no
+    second copy of the weights. Names and shapes are checked first, all problems at once."""
+    check_tensors(state_dict, expected_shapes(config), source)
+    dtype = dtype or state_dict["tok_emb.weight"].dtype
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=False, assign=True)
+    return _finish(model, device).eval()
+
+
+def _finish(model: GPT, device: str | torch.device) -> GPT:
+    """Tie the head again (`to_empty`/`assign` untie it) and rebuild RoPE's buffer (never saved)."""
     if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-        expected = set(model.state_dict()) - {"lm_head.weight"}
-    else:
-        expected = set(model.state_dict())
-    missing, extra = expected - set(sd), set(sd) - expected
-    if missing or extra:
-        raise LmforgeError(f"{file} does not match config.json: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
-    for name, tensor in model.state_dict().items():
-        if name in sd and sd[name].shape != tensor.shape:
-            raise LmforgeError(f"{file}: {name} has shape {tuple(sd[name].shape)}, config.json implies {tuple(tensor.shape)}")
-    model.load_state_dict(sd, strict=False)
+        model.lm_head.weight = model.tok_emb.weight
+    if model.config.positions == "rope":
+        model.inv_freq = rope_inv_freq(model.config).to(device)
+    return model
 
 
 def load_tokenizer(path: Path) -> object | None:
@@ -82,18 +128,14 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Our model folder -> a GPT in eval mode, with `.tokenizer` set (None if the folder has none)."""
     path = Path(path)
     config = Config.load(path)
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device=device)
-    if config.positions == "rope":  # non-persistent buffers are not in the file: rebuild
-        from lmforge.model import rope_inv_freq
-
-        model.inv_freq = rope_inv_freq(config).to(device)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    load_weights(model, path / WEIGHTS)
+    file = path / WEIGHTS
+    try:
+        state_dict = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"{file} is not a readable safetensors file ({e}); it may be truncated") from None
+    model = model_from_state_dict(config, state_dict, device=device, source=str(file))
     model.tokenizer = load_tokenizer(path)
-    return model.eval()
+    return model
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
@@ -106,7 +148,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     if not path.is_dir():
         raise LmforgeError(f"{path} is neither a model folder nor a llama2.c .bin file")
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path / 'config.json'} is truncated or not JSON ({e})") from None
         if "model_type" in config or "architectures" in config:
             from lmforge.interop.hf import load_hf
 

@@ -8,7 +8,7 @@ import sys
 
 from lmforge.cli.common import add_command
 from lmforge.device import pick_device
-from lmforge.engine import Engine
+from lmforge.engine import Engine, end_of_text_ids
 from lmforge.errors import LmforgeError
 from lmforge.pretrained import load
 from lmforge.sampling import SamplingParams
@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         """,
         description="""
         Continue a prompt (text, or token ids) with a model: our model folder, a Hugging
-        Face folder, or a llama2.c .bin. --temperature 0 is greedy. With --ids only the
-        generated ids are printed, as one JSON array.
+        Face folder, or a llama2.c .bin. --temperature 0 is greedy. Generation stops at
+        the tokenizer's end-of-text token (unless --ignore-eot), at --stop text or ids, or
+        after --max-new-tokens. With --ids only the generated ids are printed, as one JSON array.
         """,
     )
     _model_args(p)
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _sampling_args(p, temperature=0.8, max_new_tokens=128)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (repeatable)")
     p.add_argument("--stop-id", action="append", type=int, default=[], metavar="ID", help="stop at this token id (repeatable)")
+    p.add_argument("--ignore-eot", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--ids", action="store_true", help="print only the generated ids as one JSON array")
 
@@ -103,7 +105,8 @@ def _prompt(args: argparse.Namespace, engine: Engine) -> list[int]:
 def _generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
     prompt = _prompt(args, engine)
-    options = dict(max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed, stop_ids=args.stop_id, stop_strings=args.stop)
+    stop_ids = args.stop_id + ([] if args.ignore_eot else end_of_text_ids(engine.tokenizer))
+    options = dict(max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed, stop_ids=stop_ids, stop_strings=args.stop)
     if args.ids:
         print(json.dumps(engine.generate([prompt], **options)[0].ids))
         return 0

@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_file, atomic_write_text
-from lmforge.model import GPT, rope_inv_freq
+from lmforge.model import GPT
+from lmforge.pretrained import check_tensors, meta_state_dict, model_from_state_dict
 from lmforge.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, from_gpt2_files
 from lmforge.tokenizer.bytes_unicode import bytes_to_printable, printable_to_bytes
 
@@ -63,10 +64,7 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "
 def config_from_hf(hf_config: Mapping[str, Any]) -> Config:
     """A `transformers` config.json (as a dict) -> our Config; anything we would compute differently is refused."""
     family = _family_of_hf(hf_config)
-    try:
-        return _gpt2_config(hf_config) if family is GPT2 else _llama_config(hf_config)
-    except KeyError as e:
-        raise LmforgeError(f"the {family.architecture} config.json lacks {e.args[0]!r}") from None
+    return _gpt2_config(hf_config) if family is GPT2 else _llama_config(hf_config)
 
 
 def _family_of_hf(hf: Mapping[str, Any]) -> Family:
@@ -80,7 +78,19 @@ def _family_of_hf(hf: Mapping[str, Any]) -> Family:
     return FAMILIES[model_type]
 
 
-def _refuse(family: Family, problems: list[str]) -> None:
+def _size(hf: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
+    """The first of `keys` set (not null) in config.json, as a positive integer; `default` if none is."""
+    value = next((hf[k] for k in keys if hf.get(k) is not None), default)
+    if value is None:
+        raise LmforgeError(f"config.json lacks {keys[0]!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LmforgeError(f"config.json: {keys[0]} must be a positive integer, got {value!r}")
+    return value
+
+
+def _refuse(family: Family, checks: list[tuple[bool, str]]) -> None:
+    """Raise naming every option (of those checked) that is set to something we do not compute."""
+    problems = [message for bad, message in checks if bad]
     if problems:
         raise LmforgeError(f"this {family.architecture} config uses what lmforge does not implement: {'; '.join(problems)}")
 
@@ -90,70 +100,63 @@ def _gpt2_config(hf: Mapping[str, Any]) -> Config:
     _refuse(
         GPT2,
         [
-            msg
-            for bad, msg in (
-                (activation not in GPT2_ACTIVATIONS, f"activation_function={activation!r} (supported: {', '.join(GPT2_ACTIVATIONS)})"),
-                (not hf.get("scale_attn_weights", True), "scale_attn_weights=false"),
-                (hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true"),
-                (hf.get("add_cross_attention", False), "add_cross_attention=true"),
-            )
-            if bad
+            (activation not in GPT2_ACTIVATIONS, f"activation_function={activation!r} (supported: {', '.join(GPT2_ACTIVATIONS)})"),
+            (not hf.get("scale_attn_weights", True), "scale_attn_weights=false"),
+            (bool(hf.get("scale_attn_by_inverse_layer_idx")), "scale_attn_by_inverse_layer_idx=true"),
+            (bool(hf.get("add_cross_attention")), "add_cross_attention=true"),
         ],
     )
+    n_embd = _size(hf, "n_embd")
     return Config(
         name="hf-gpt2",
-        vocab_size=hf["vocab_size"],
-        context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
+        vocab_size=_size(hf, "vocab_size"),
+        context_length=_size(hf, "n_positions", "n_ctx"),
+        n_layer=_size(hf, "n_layer"),
+        n_head=_size(hf, "n_head"),
+        n_embd=n_embd,
         mlp=GPT2_ACTIVATIONS[activation],
-        mlp_hidden=hf.get("n_inner") or 0,  # None: 4 * n_embd
+        mlp_hidden=_size(hf, "n_inner", default=4 * n_embd),  # null: 4 * n_embd
         norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         positions="learned",
         bias=True,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
 
 
 def _llama_config(hf: Mapping[str, Any]) -> Config:
     act = hf.get("hidden_act", "silu")
-    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
     _refuse(
         LLAMA,
         [
-            msg
-            for bad, msg in (
-                (act != "silu", f"hidden_act={act!r} (SwiGLU needs silu)"),
-                (
-                    attention_bias != mlp_bias,
-                    f"attention_bias={attention_bias} with mlp_bias={mlp_bias} (lmforge's `bias` is one switch for every linear layer)",
-                ),
-            )
-            if bad
+            (act != "silu", f"hidden_act={act!r} (SwiGLU needs silu)"),
+            (
+                attention_bias != mlp_bias,
+                f"attention_bias={attention_bias} with mlp_bias={mlp_bias} (lmforge's `bias` is one switch for every linear layer)",
+            ),
         ],
     )
     rope_theta, rope_scaling = _rope_from_hf(hf)
-    n_head = hf["num_attention_heads"]
+    n_embd, n_head = _size(hf, "hidden_size"), _size(hf, "num_attention_heads")
     return Config(
         name="hf-llama",
-        vocab_size=hf["vocab_size"],
-        context_length=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"],
+        vocab_size=_size(hf, "vocab_size"),
+        context_length=_size(hf, "max_position_embeddings", default=2048),
+        n_layer=_size(hf, "num_hidden_layers"),
         n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
-        n_embd=hf["hidden_size"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        n_kv_head=_size(hf, "num_key_value_heads", default=n_head),
+        n_embd=n_embd,
+        head_dim=_size(hf, "head_dim", default=n_embd // n_head),
         mlp="swiglu",
-        mlp_hidden=hf["intermediate_size"],
+        mlp_hidden=_size(hf, "intermediate_size"),
         norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         positions="rope",
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         bias=attention_bias,
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
 
@@ -345,31 +348,12 @@ def _normalized(hf_state_dict: Mapping[str, torch.Tensor], config: Config) -> di
 
 
 def _our_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_state_dict(config).items()}
 
 
 def expected_hf_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    """The Hugging Face names and shapes a checkpoint for `config` must hold (computed on the meta device)."""
-    with torch.device("meta"):
-        sd = GPT(config).state_dict()
-    return {k: tuple(v.shape) for k, v in state_dict_to_hf(sd, config).items()}
-
-
-def check_tensors(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """Every expected name present with its shape, nothing else: one error listing all that is wrong."""
-    missing = [k for k in expected if k not in tensors]
-    extra = sorted(k for k in tensors if k not in expected)
-    wrong = [f"{k} is {tuple(tensors[k].shape)}, expected {expected[k]}" for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s): {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
-    if wrong:
-        problems.append(f"wrong shape: {'; '.join(wrong[:8])}")
-    if problems:
-        raise LmforgeError(f"{source} does not match its config: {' | '.join(problems)}")
+    """The Hugging Face names and shapes a checkpoint for `config` must hold: our export of an empty model."""
+    return {k: tuple(v.shape) for k, v in state_dict_to_hf(meta_state_dict(config), config).items()}
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -397,19 +381,7 @@ def from_hf_state_dict(
     """Build our GPT (eval mode) from a Hugging Face config dict and state dict."""
     config = config_from_hf(hf_config)
     sd = state_dict_from_hf(hf_state_dict, config, source)
-    dtype = dtype or sd["tok_emb.weight"].dtype
-    with torch.device("meta"):
-        model = GPT(config)
-    # assign: the converted tensors become the parameters (no second copy of the weights)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    if config.positions == "rope":  # a non-persistent buffer: never in a file
-        model.inv_freq = rope_inv_freq(config).to(device)
-    unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unset:
-        raise LmforgeError(f"{source}: no weights for {unset[:5]} (the conversion map is incomplete)")
-    return model.eval()
+    return model_from_state_dict(config, sd, device=device, dtype=dtype, source=source)
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -472,7 +444,7 @@ def _read_shards(path: Path) -> dict[str, torch.Tensor]:
 # The Hugging Face (Oniguruma) spelling of our tiktoken-form GPT-4 pattern: Oniguruma reads
 # `X{1,3}+` as (X{1,3})+, not as a possessive repeat, so the pattern must be written without it.
 GPT4_PATTERN_ONIG = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-_ONIG_DIFFERS = re.compile(r"\}\+")  # the spelling the two regex engines read differently
+_ONIG_DIFFERS = re.compile(r"\{\d*,?\d*\}\+")  # `X{n,m}+`: the spelling the two regex engines read differently
 _ALPHABET = frozenset(bytes_to_printable(bytes(range(256))))  # GPT-2's printable stand-ins for bytes
 
 
@@ -514,18 +486,26 @@ def tokenizer_from_hf_json(d: Mapping[str, Any]) -> Tokenizer:
     if (d.get("decoder") or {}).get("type") != "ByteLevel":
         raise LmforgeError(f"decoder {(d.get('decoder') or {}).get('type')!r} is not ByteLevel")
     pattern = _pattern_from_pre_tokenizer(d.get("pre_tokenizer") or {})
-    added = d.get("added_tokens") or []
-    plain = [t["content"] for t in added if not t.get("special")]
+    try:
+        added = d.get("added_tokens") or []
+        plain = [t["content"] for t in added if not t.get("special")]
+        specials = {t["content"]: int(t["id"]) for t in added}
+        vocab = {tok: int(i) for tok, i in model["vocab"].items() if tok not in specials}
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LmforgeError(f"tokenizer.json is malformed ({type(e).__name__}: {e})") from None
     if plain:
         raise LmforgeError(f"non-special added tokens {plain[:3]} are matched before BPE, which lmforge does not do")
-    specials = {t["content"]: int(t["id"]) for t in added}
-    vocab = {tok: int(i) for tok, i in model["vocab"].items() if tok not in specials}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     return bpe_from_vocab(vocab, merges, specials, pattern, name="hf-bpe")
 
 
 def _pattern_from_pre_tokenizer(pre: Mapping[str, Any]) -> str:
-    """The regex a byte-level pre-tokenizer cuts text with: ByteLevel's own (GPT-2's), or a Split before it."""
+    """The regex a byte-level pre-tokenizer cuts text with: ByteLevel's own (GPT-2's), or a Split before it.
+
+    A Split regex is taken as written (GPT-4 / Llama 3's in tiktoken's spelling). That is
+    exact for regexes that match every character, as these do: text a regex skips stays
+    a piece in `tokenizers` but is dropped by tiktoken.
+    """
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):

@@ -33,7 +33,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,8 @@ import torch
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_text
-from lmforge.model import GPT, rope_inv_freq
+from lmforge.model import GPT
+from lmforge.pretrained import empty_model
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32 (the bytes on disk read "24ka")
 V0_HEADER_BYTES = 7 * 4
@@ -147,19 +148,23 @@ def read_header(path: str | os.PathLike) -> Llama2cHeader:
         raise LmforgeError(f"no llama2.c checkpoint at {path}")
     with open(path, "rb") as f:
         head = f.read(V1_HEADER_BYTES)
-    _refuse_other_formats(path, head)
-    if len(head) >= 8 and struct.unpack("<I", head[:4])[0] == MAGIC:
-        header = _versioned_header(path, head)
-    else:
-        header = _legacy_header(path, head)
-    _check_shape(path, header)
-    _check_size(path, header)
+    try:
+        if len(head) >= 8 and struct.unpack("<I", head[:4])[0] == MAGIC:
+            header = _versioned_header(path, head)
+        else:
+            header = _legacy_header(path, head)
+        _check_shape(path, header)
+        _check_size(path, header)
+    except LmforgeError:
+        # only now: a real checkpoint's first bytes (dim=640 is 80 02 00 00) may look like a pickle's
+        _refuse_other_formats(path, head)
+        raise
     return header
 
 
 def _refuse_other_formats(path: Path, head: bytes) -> None:
     """Name the usual wrong files (a PyTorch or GGUF checkpoint) instead of reporting a bad shape."""
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise LmforgeError(
             f"{path} is a PyTorch checkpoint (zip/pickle), not a llama2.c .bin: for Hugging Face weights "
             "give the model folder (with config.json and model.safetensors) instead"
@@ -246,37 +251,41 @@ def interleaved_to_half_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def state_dict_from_arrays(arrays: dict[str, np.ndarray], header: Llama2cHeader) -> dict[str, torch.Tensor]:
-    """llama2.c arrays -> our GPT's state dict (w1 -> gate, w3 -> up, w2 -> down)."""
+def llama2c_tensors(arrays: dict[str, np.ndarray], header: Llama2cHeader) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our GPT's weights by name, one at a time (w1 -> gate, w3 -> up, w2 -> down).
+
+    One at a time so that loading holds a single tensor beyond the model, not a
+    second copy of it (a 7B llama2.c export is 27 GB).
+    """
 
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.float32))  # copies out of the memory map
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # copies out of the read-only memory map
 
-    sd = {"tok_emb.weight": t(arrays["token_embedding"]), "norm_f.weight": t(arrays["rms_final"])}
-    sd["lm_head.weight"] = sd["tok_emb.weight"] if header.shared_classifier else t(arrays["wcls"])
+    yield "tok_emb.weight", t(arrays["token_embedding"])
+    if not header.shared_classifier:
+        yield "lm_head.weight", t(arrays["wcls"])
     for i in range(header.n_layers):
         p = f"blocks.{i}."
-        sd[p + "norm1.weight"] = t(arrays["rms_att"][i])
-        sd[p + "attn.q.weight"] = interleaved_to_half_rope(t(arrays["wq"][i]), header.n_heads)
-        sd[p + "attn.k.weight"] = interleaved_to_half_rope(t(arrays["wk"][i]), header.n_kv_heads)
-        sd[p + "attn.v.weight"] = t(arrays["wv"][i])
-        sd[p + "attn.o.weight"] = t(arrays["wo"][i])
-        sd[p + "norm2.weight"] = t(arrays["rms_ffn"][i])
-        sd[p + "mlp.gate.weight"] = t(arrays["w1"][i])
-        sd[p + "mlp.up.weight"] = t(arrays["w3"][i])
-        sd[p + "mlp.down.weight"] = t(arrays["w2"][i])
-    return sd
+        yield p + "norm1.weight", t(arrays["rms_att"][i])
+        yield p + "attn.q.weight", interleaved_to_half_rope(t(arrays["wq"][i]), header.n_heads)
+        yield p + "attn.k.weight", interleaved_to_half_rope(t(arrays["wk"][i]), header.n_kv_heads)
+        yield p + "attn.v.weight", t(arrays["wv"][i])
+        yield p + "attn.o.weight", t(arrays["wo"][i])
+        yield p + "norm2.weight", t(arrays["rms_ffn"][i])
+        yield p + "mlp.gate.weight", t(arrays["w1"][i])
+        yield p + "mlp.up.weight", t(arrays["w3"][i])
+        yield p + "mlp.down.weight", t(arrays["w2"][i])
+    yield "norm_f.weight", t(arrays["rms_final"])
 
 
-def _empty_model(config: Config, device: str | torch.device) -> GPT:
-    """A GPT with uninitialised weights (no time spent on random init that is overwritten)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device=device)
-    model.inv_freq = rope_inv_freq(config).to(device)  # a non-persistent buffer: rebuild it
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # to_empty unties
-    return model
+def _copy_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy every weight into the model; a tied head is the embedding, so it comes once."""
+    target = model.state_dict()
+    unfilled = set(target) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
+    for name, tensor in tensors:
+        target[name].copy_(tensor)
+        unfilled.discard(name)
+    assert not unfilled, f"llama2c import left {sorted(unfilled)} unset"  # a bug here, not bad input
 
 
 def load_llama2c(
@@ -289,8 +298,8 @@ def load_llama2c(
     """
     path = Path(path)
     header = read_header(path)
-    model = _empty_model(header.config(path.stem), device)
-    model.load_state_dict(state_dict_from_arrays(read_arrays(path, header), header))
+    model = empty_model(header.config(path.stem), device)
+    _copy_weights(model, llama2c_tensors(read_arrays(path, header), header))
     tok_file = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(path, header.vocab_size)
     model.tokenizer = Llama2cTokenizer.load_bin(tok_file, header.vocab_size) if tok_file is not None else None
     return model.eval()
@@ -410,7 +419,10 @@ class Llama2cTokenizer:
             scores.append(score)
             offset += n
         if vocab_size is not None and len(pieces) < vocab_size:
-            raise LmforgeError(f"{path} holds {len(pieces)} pieces, the model has {vocab_size} token ids: truncated or another model's tokenizer")
+            raise LmforgeError(
+                f"{path} holds {len(pieces)} pieces, the model has {vocab_size} token ids: "
+                "it is truncated or another model's tokenizer"
+            )
         if offset < len(data):
             raise LmforgeError(
                 f"{path} holds more than {vocab_size} pieces ({len(data) - offset} bytes left over): it is another "
@@ -420,15 +432,25 @@ class Llama2cTokenizer:
 
     # --- our tokenizer.json ------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `tokenizer.json` into the folder `path` (pieces as text; base64 for any not valid UTF-8)."""
+        """Write `tokenizer.json` into the folder `path` (or to `path` itself if it ends in .json).
+
+        Pieces are stored as text, or as base64 for one that is not valid UTF-8, so
+        every byte survives; scores are float32 values, exact in JSON.
+        """
         entries = []
-        for piece, score in zip(self.pieces, self.scores):
+        for piece, score in zip(self.pieces, self.scores, strict=True):
             try:
                 entries.append({"piece": piece.decode("utf-8"), "score": score})
             except UnicodeDecodeError:
                 entries.append({"piece_base64": base64.b64encode(piece).decode("ascii"), "score": score})
-        doc = {"format": TOKENIZER_FORMAT, "version": TOKENIZER_VERSION, "max_token_length": self.max_token_length, "pieces": entries}
-        file = Path(path) / TOKENIZER_FILENAME
+        doc = {
+            "format": TOKENIZER_FORMAT,
+            "version": TOKENIZER_VERSION,
+            "max_token_length": self.max_token_length,
+            "pieces": entries,
+        }
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / TOKENIZER_FILENAME
         atomic_write_text(file, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
         return file
 
@@ -443,8 +465,9 @@ class Llama2cTokenizer:
             raise LmforgeError(f"no {TOKENIZER_FILENAME} at {p}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LmforgeError(f"{file} is truncated or not JSON ({e})") from None
-        if not isinstance(doc, dict) or doc.get("format") != TOKENIZER_FORMAT:
-            raise LmforgeError(f"{file} is not a {TOKENIZER_FORMAT} tokenizer (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        if fmt != TOKENIZER_FORMAT:
+            raise LmforgeError(f"{file} is not a {TOKENIZER_FORMAT} tokenizer (its format is {fmt!r})")
         if doc.get("version") != TOKENIZER_VERSION:
             raise LmforgeError(f"{file} has format version {doc.get('version')}; this lmforge reads version {TOKENIZER_VERSION}")
         try:
@@ -502,7 +525,7 @@ class Llama2cTokenizer:
         smallest left index; heap entries that no longer match their pair are skipped.
         """
         n = len(ids)
-        nxt = list(range(1, n)) + [-1]
+        nxt = [*range(1, n), -1]
         prv = list(range(-1, n - 1))
         heap: list[tuple[float, int, int, int]] = []
 
@@ -529,7 +552,7 @@ class Llama2cTokenizer:
                 prv[nxt[j]] = i
             push(prv[i])
             push(i)
-        return [t for t, keep in zip(ids, alive) if keep]
+        return [t for t, keep in zip(ids, alive, strict=True) if keep]
 
     # --- decode ------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int]) -> bytes:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import check_tensors, from_hf_state_dict, read_json
+from lmforge.interop.hf import from_hf_state_dict, read_json
 from lmforge.model import GPT
+from lmforge.pretrained import check_tensors
 from lmforge.tokenizer import from_gpt2_files
 
 HPARAMS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
