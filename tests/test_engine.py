@@ -7,7 +7,7 @@ import torch
 
 from lmforge import LmforgeError
 from lmforge.config import Config
-from lmforge.engine import Engine, generate_uncached
+from lmforge.engine import Engine, generate_uncached, relayout_for_decode
 from lmforge.model import GPT
 from lmforge.sampling import SamplingParams, filter_logits, sample
 
@@ -36,6 +36,34 @@ def test_cached_equals_uncached_tokens_and_logits(model):
     assert [int(t[0]) for t, _ in steps] == ref_ids
     assert max((lg[0] - r).abs().max().item() for (_, lg), r in zip(steps, ref_logits)) <= 1e-4
     assert engine.generate([prompt], max_new_tokens=40, sampling=GREEDY)[0].ids == ref_ids
+
+
+def test_relayout_changes_strides_only(model):
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        ref = model(ids)
+    relayout_for_decode(model)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    moved = [n for n, p in params.items() if not p.is_contiguous()]
+    assert moved and all(".mlp." in n or ".attn." in n for n in moved)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+    with torch.no_grad():
+        assert (model(ids) - ref).abs().max().item() <= 1e-5
+    untouched = make_model("nano")
+    Engine(untouched, relayout=False)
+    assert all(p.is_contiguous() for p in untouched.parameters())
+
+
+def test_head_paths_agree_across_batch_sizes(model):
+    engine = Engine(model)
+    hidden = torch.randn(5, model.config.n_embd)
+    one_by_one = torch.cat([engine._logits(h[None]) for h in hidden])
+    together = engine._logits(hidden)
+    expected = model.lm_head(hidden)
+    assert (one_by_one - expected).abs().max().item() <= 1e-4
+    assert (together - expected).abs().max().item() <= 1e-4
 
 
 def test_each_row_of_a_batch_equals_generating_it_alone(model):

@@ -17,6 +17,7 @@ stops when the context is full (finish_reason "context"), it never slides.
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,7 +27,10 @@ import torch
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
+from lmforge.prefetch import WeightPrefetcher
 from lmforge.sampling import SamplingParams, sample
+
+HEAD_BLOCK_BYTES = 4 * 2**20  # output-matrix block for one-row decoding: several fit the last-level cache
 
 
 class TextCodec(Protocol):
@@ -97,32 +101,102 @@ class Completion:
     finish_reason: str  # "stop" (a stop id or string), "length" (max_new_tokens), "context" (context full)
 
 
+@torch.no_grad()
+def relayout_for_decode(model: GPT) -> None:
+    """Store each block Linear whose output is at least as wide as its input as the
+    contiguous (in, out) matrix, in place: same Parameter, shape and values; only the
+    strides change, so F.linear hands BLAS a matrix it streams row by row.
+
+    Decoding one token is a chain of matrix-vector products bound by memory reads, and
+    on CPU that layout reads faster for these shapes (measured on gpt2's, batch 1:
+    768 -> 3072 at 21 GB/s against 12 GB/s as nn.Linear stores it, 768 -> 2304 at 20
+    against 13). Narrowing layers (3072 -> 768) read faster as stored, so they stay.
+    Batch 8 runs at the same speed either way.
+    """
+    for _, linear in model.named_linears():
+        w = linear.weight
+        if w.device.type == "cpu" and w.is_floating_point() and w.size(0) >= w.size(1) and w.is_contiguous():
+            linear.weight.data = w.data.t().contiguous().t()
+
+
 class Engine:
     """Generate from a model: prefill, then decode one token at a time with a KV cache."""
 
-    def __init__(self, model: GPT, tokenizer: TextCodec | None = None) -> None:
+    def __init__(
+        self, model: GPT, tokenizer: TextCodec | None = None, *, relayout: bool = True, prefetch: bool = True
+    ) -> None:
+        """`relayout` stores the blocks' wide weights in the layout that decodes fastest
+        (see `relayout_for_decode`); pass False to leave a model that is still being
+        trained exactly as it was, e.g. when sampling between optimizer steps.
+        `prefetch` lets a second core read weights ahead when decoding one row on CPU
+        (see `lmforge.prefetch`)."""
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
-        self._head: torch.Tensor | None = None
+        self._head: list[torch.Tensor] | None = None
         self._head_version = -1
+        self._prefetcher: WeightPrefetcher | None = None
+        self.prefetch = prefetch
+        if relayout:
+            relayout_for_decode(model)
 
     # --- logits --------------------------------------------------------------------
+    def _head_chunks(self) -> list[torch.Tensor]:
+        """The output matrix as contiguous (C, n) column blocks of HEAD_BLOCK_BYTES each.
+
+        Decoding one row reads the whole output matrix per token; on CPU BLAS streams a
+        contiguous (C, V) matrix 2.8x faster than nn.Linear's (V, C) weight at batch 1
+        (measured on `small`'s 384 x 50257 head), and blocks that fit the last-level
+        cache let the prefetcher run ahead. The copy is refreshed whenever the weight
+        changes in place (an optimizer step between samples bumps its version).
+        """
+        w = self.model.lm_head.weight
+        version = 0 if w.is_inference() else w._version  # inference tensors keep no version
+        if self._head is None or self._head_version != version:
+            t = w.detach().t()
+            n = max(1, HEAD_BLOCK_BYTES // (t.size(0) * t.element_size()))
+            self._head = [t[:, i : i + n].contiguous() for i in range(0, t.size(1), n)]
+            self._head_version = version
+        return self._head
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from the last hidden state (B, C) -> (B, V), fp32.
 
-        Decoding reads the whole output matrix for every token. Stored as a contiguous
-        (C, V) matrix it streams about 1.7x faster on CPU than nn.Linear's (V, C) at
-        batch 1, so the engine keeps that copy, refreshed whenever the weight changes
-        in place (an optimizer step between samples bumps its version).
+        Several rows run 2-4x faster as W @ hidden^T on the weight as stored; one row
+        runs fastest against the (C, V) blocks of `_head_chunks`.
         """
         w = self.model.lm_head.weight
         if type(self.model.lm_head) is not torch.nn.Linear or w.device.type != "cpu":
             return self.model.lm_head(hidden).float()
-        if self._head is None or self._head_version != w._version:
-            self._head = w.detach().t().contiguous()
-            self._head_version = w._version
-        return (hidden @ self._head).float()
+        if hidden.size(0) > 1:
+            return (w @ hidden.t()).t().float()
+        out = []
+        for j, block in enumerate(self._head_chunks()):
+            if self._prefetcher is not None:
+                self._prefetcher.ahead_of(self._prefetcher.tail_start + j)
+            out.append(hidden @ block)
+        return torch.cat(out, dim=1).float()
+
+    def _decoding(self, batch: int) -> contextlib.AbstractContextManager:
+        """What runs around the decode steps: the weight prefetcher for one row on a CPU
+        with a second core to spare (see `lmforge.prefetch`), else nothing."""
+        head = self.model.lm_head
+        cpu = head.weight.device.type == "cpu" and type(head) is torch.nn.Linear
+        if not (self.prefetch and cpu and batch == 1 and torch.get_num_threads() >= 2):
+            return contextlib.nullcontext()
+        linears = [linear for _, linear in self.model.named_linears()]
+        prefetcher = WeightPrefetcher(linears, tail=self._head_chunks())
+
+        @contextlib.contextmanager
+        def active() -> Iterator[None]:
+            with prefetcher:
+                self._prefetcher = prefetcher
+                try:
+                    yield
+                finally:
+                    self._prefetcher = None
+
+        return active()
 
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         T = ids.size(1)
@@ -169,12 +243,13 @@ class Engine:
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         logits = self._forward(ids, cache)
-        for step in range(max_new_tokens):
-            token = sample(logits, sampling, generator)
-            yield token, logits
-            if step + 1 == max_new_tokens or cache.length == max_len:
-                return
-            logits = self._forward(token[:, None], cache)
+        with self._decoding(len(prompts)):
+            for step in range(max_new_tokens):
+                token = sample(logits, sampling, generator)
+                yield token, logits
+                if step + 1 == max_new_tokens or cache.length == max_len:
+                    return
+                logits = self._forward(token[:, None], cache)
 
     def generate(
         self,
