@@ -152,6 +152,12 @@ def test_ranks_draw_different_windows() -> None:
     ranks = [RandomWindows(TOKENS, 8, 4, seed=0, rank=r, world_size=4) for r in range(4)]
     firsts = [r.batch(0)[0] for r in ranks]
     assert all(not torch.equal(firsts[i], firsts[j]) for i in range(4) for j in range(i + 1, 4))
+    # together the ranks draw exactly what one process drawing the global batch draws
+    whole = RandomWindows(TOKENS, 8, 16, seed=0)
+    for step in (0, 5):
+        x, y = whole.batch(step)
+        parts = [r.batch(step) for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
     with pytest.raises(LmforgeError, match="rank"):
         RandomWindows(TOKENS, 8, 4, seed=0, rank=4, world_size=4)
 

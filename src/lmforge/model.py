@@ -229,6 +229,7 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `idx` (B, T).
 
@@ -236,7 +237,10 @@ class GPT(nn.Module):
         row's positions, so left-padded rows start at 0), a boolean `mask` (B, 1, T, S)
         of the slots each token may attend to (None: causal over these T tokens), and
         the `cache` that holds earlier keys and values. `return_hidden` gives the final
-        normed hidden states (B, T, C) instead, for classifier and value heads.
+        normed hidden states (B, T, C) instead, for classifier and value heads. With
+        `targets` (B, T) it returns the mean next-token cross-entropy instead of the logits
+        (labels -100 ignored), computed by `lmforge.train.loss.head_loss` without ever
+        holding the (B, T, vocab) logits: the training step's fast path.
         """
         B, T = idx.shape
         if pos is None:
@@ -259,6 +263,10 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if return_hidden:
             return x
+        if targets is not None:
+            from lmforge.train.loss import head_loss  # here, not at the top: train.loss imports this module
+
+            return head_loss(self.lm_head, x, targets)
         return self.lm_head(x).float()
 
     # --- facts ---------------------------------------------------------------------

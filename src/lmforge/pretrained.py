@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,10 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """A model from our folder, a Hugging Face folder, or a llama2.c `.bin` (with `.tokenizer` set)."""
+    """A model from our folder, a Hugging Face folder, a llama2.c `.bin`, a training run
+    folder (its newest intact checkpoint) or one checkpoint folder (with `.tokenizer` set)."""
     path = Path(path)
+    path = _checkpoint_model_dir(path) or path
     if path.is_file() and path.suffix == ".bin":
         from lmforge.interop.llama2c import load_llama2c
 
@@ -163,3 +166,30 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
 
         return load_hf(path, device=device)
     raise LmforgeError(f"{path} holds no model: expected config.json with {WEIGHTS} (ours or Hugging Face's)")
+
+
+def _checkpoint_model_dir(path: Path) -> Path | None:
+    """The `model/` folder to load when `path` is a training run or a checkpoint, else None.
+
+    A run folder (with `checkpoints/`) gives its newest intact checkpoint, saying on
+    stderr which damaged newer ones it skipped; a checkpoint folder is verified first,
+    so a damaged one is an error rather than a model with silently wrong weights.
+    """
+    if not path.is_dir():
+        return None
+    from lmforge.train.checkpoint import (
+        CHECKPOINTS,
+        find_resumable,
+        is_checkpoint_folder,
+        verify_checkpoint,
+    )
+
+    if (path / CHECKPOINTS).is_dir() or (path.name == CHECKPOINTS and not (path / "config.json").exists()):
+        found = find_resumable(path, say=lambda m: print(m, file=sys.stderr))
+        if found is None:
+            raise LmforgeError(f"{path} is a training run with no intact checkpoint in {path / CHECKPOINTS}; train it (longer) first")
+        return found / "model"
+    if is_checkpoint_folder(path) and not (path / "config.json").is_file():
+        verify_checkpoint(path)
+        return path / "model"
+    return None

@@ -125,10 +125,12 @@ class TokenWindows(_OverTokens, Dataset):
 class RandomWindows(_OverTokens):
     """Batches of windows at random offsets: `batch(step)` -> (x, y), each (batch_size, L) int64.
 
-    The offsets come from `np.random.default_rng([seed, rank, step])`: stateless in the
-    step (resuming at step k gives the same batch k), different for each rank. Every
-    window start in 0 .. N-L-1 is equally likely, so each window has its full target.
-    `world_size` only validates `rank`; the ranks draw independently.
+    Step k's global batch is `batch_size * world_size` offsets from
+    `np.random.default_rng([seed, step])`, and rank r takes its r-th slice: stateless in
+    the step (resuming at step k gives the same batch k), disjoint across ranks, and one
+    process with `batch_size * world_size` rows sees exactly the windows N processes see
+    together, so a torchrun run can be checked against a single process. Every window
+    start in 0 .. N-L-1 is equally likely, so each window has its full target.
     """
 
     def __init__(
@@ -162,8 +164,9 @@ class RandomWindows(_OverTokens):
         """The window starts of batch `step`."""
         if step < 0:
             raise LmforgeError(f"step must be non-negative, got {step}")
-        rng = np.random.default_rng([self.seed, self.rank, step])
-        return rng.integers(0, len(self.tokens) - self.context_length, size=self.batch_size)
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens) - self.context_length, size=self.batch_size * self.world_size)
+        return starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.tokens[self.starts(step)[:, None] + self._offsets].astype(np.int64)

@@ -1,0 +1,545 @@
+"""Training checkpoints that lose nothing, and never one that is half written.
+
+A run folder holds `checkpoints/step-00000120/` (the step, 8 digits) with:
+
+- `model/`: an ordinary lmforge model folder (`model.safetensors` with a tied head
+  left out, `config.json`, the tokenizer), so `lmforge.load(".../model")` works on it;
+- `optimizer.safetensors` + `optimizer.json`: the optimizer state dict, tensors in
+  safetensors (bit-exact, dtype kept) and everything else as JSON: nothing is pickled,
+  so reading a checkpoint runs no code from it;
+- `rng.safetensors` + the rest of the random state in `trainer.json`;
+- `trainer.json`: the caller's state (step, data cursor, counters, run config);
+- `manifest.json`, written last: the step, the validation loss and every other file's
+  size and sha256, so a truncated or altered file is found before it is used.
+
+Why a folder is written whole or not at all: it is built in a hidden temporary folder
+beside the final one, every file and folder fsynced, then renamed into place. A crash
+mid-write leaves only a hidden `.step-*.tmp-*` folder, which `list_checkpoints` never
+returns and the next save removes. Re-saving a step swaps the folders atomically.
+
+One writer per run folder (rank 0): a save removes hidden leftovers it finds there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+from lmforge.io import fsync_dir
+from lmforge.pretrained import WEIGHTS, check_tensors, expected_shapes
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+RNG_TENSORS = "rng.safetensors"
+TRAINER_JSON = "trainer.json"
+FORMAT = "lmforge.checkpoint"
+VERSION = 1
+# Files every checkpoint has: a manifest that does not list them is not ours.
+REQUIRED = (f"{MODEL_DIR}/{WEIGHTS}", f"{MODEL_DIR}/config.json", TRAINER_JSON)
+
+_STEP_DIR = re.compile(r"step-(\d{8,})")
+_HIDDEN = re.compile(r"\.(step-\d{8,})\.(tmp|old|del)-.*")
+
+
+class CheckpointError(LmforgeError):
+    """A checkpoint that is incomplete or damaged; `problem` is the short reason."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"checkpoint {self.path} is unusable: {problem}; {_older_hint(self.path)}")
+
+
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint holds, read back exactly as it was saved."""
+
+    path: Path
+    step: int
+    val_loss: float | None
+    model_state: dict[str, torch.Tensor]  # tied head omitted, as saved
+    optimizer_state: dict | None
+    trainer_state: dict
+    rng: dict | None  # as `capture_rng` returns it; give it to `restore_rng`
+    config: Config | None = None  # the model's config (model/config.json)
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of `step` lives in `run_dir`."""
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+# --- random state ---------------------------------------------------------------------
+def capture_rng() -> dict:
+    """The state of every random generator a training step may draw from: Python's
+    `random`, NumPy's global generator, torch's CPU generator and (when CUDA is
+    available) every CUDA device's. Copies: drawing on does not change them."""
+    rng: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    """Put back a `capture_rng` state: the next draws repeat those made right after it.
+    Parts missing from `rng` are left alone; CUDA states are restored on the devices
+    that exist here (a checkpoint from a GPU machine still restores on a CPU)."""
+    if "python" in rng:
+        version, internal, gauss_next = rng["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+    if "numpy" in rng:
+        np.random.set_state(rng["numpy"])
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        for device, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+
+
+def _rng_to_disk(rng: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a random state into tensors (for safetensors) and JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    if "python" in rng:
+        version, internal, gauss_next = rng["python"]
+        meta["python"] = {"version": version, "state": list(internal), "gauss_next": gauss_next}
+    if "numpy" in rng:
+        algorithm, keys, pos, has_gauss, cached = rng["numpy"][:5]
+        tensors["numpy/keys"] = torch.from_numpy(np.asarray(keys).astype(np.int64))  # uint32 -> int64, exact
+        meta["numpy"] = {"algorithm": algorithm, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if "torch" in rng:
+        tensors["torch"] = rng["torch"]
+    if "cuda" in rng:
+        for i, state in enumerate(rng["cuda"]):
+            tensors[f"cuda/{i}"] = state
+        meta["cuda_devices"] = len(rng["cuda"])
+    return tensors, meta
+
+
+def _rng_from_disk(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    rng: dict[str, Any] = {}
+    if "python" in meta:
+        p = meta["python"]
+        rng["python"] = (p["version"], tuple(p["state"]), p["gauss_next"])
+    if "numpy" in meta:
+        n = meta["numpy"]
+        keys = tensors["numpy/keys"].numpy().astype(np.uint32)
+        rng["numpy"] = (n["algorithm"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"])
+    if "torch" in tensors:
+        rng["torch"] = tensors["torch"]
+    if "cuda_devices" in meta:
+        rng["cuda"] = [tensors[f"cuda/{i}"] for i in range(meta["cuda_devices"])]
+    return rng
+
+
+# --- optimizer state without pickle ---------------------------------------------------
+def _encode(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON for `obj`, its tensors moved into `tensors` under path-like names
+    ("state/0/exp_avg"). Tuples, non-string dict keys (the int parameter ids of
+    `optimizer.state_dict()`) and tensors are tagged so they come back as they were."""
+    if isinstance(obj, torch.Tensor):
+        key, n = name, 1
+        while key in tensors:  # only if a key itself holds "/"
+            key, n = f"{name}~{n}", n + 1
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        sub = (lambda k: f"{name}/{k}" if name else str(k))
+        if all(isinstance(k, str) and not (k.startswith("__") and k.endswith("__")) for k in obj):
+            return {k: _encode(v, sub(k), tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, "", {}), _encode(v, sub(k), tensors)] for k, v in obj.items()]}
+    raise TypeError(
+        f"optimizer state holds a {type(obj).__name__} at {name or 'the top'}: only tensors, numbers, strings, "
+        "None, lists, tuples and dicts can be saved without pickle"
+    )
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two sharing memory (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for k, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = t
+    return out
+
+
+# --- writing --------------------------------------------------------------------------
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    config: Config,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict | None = None,
+    trainer_state: dict | None = None,
+    rng: dict | None = None,
+    tokenizer: object | None = None,
+    val_loss: float | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write `run_dir/checkpoints/step-NNNNNNNN/` atomically and apply retention.
+
+    `model_state` uses the plain GPT names; a tied head in it is dropped (it is the
+    embedding). Retention keeps the newest `keep_last` checkpoints (0: all), the best
+    by validation loss, and always the one just written. A non-finite `val_loss` is
+    recorded as None (it can never be the best). Returns the checkpoint folder.
+    """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise LmforgeError(f"checkpoint step must be a non-negative int, got {step!r}")
+    if keep_last < 0:
+        raise LmforgeError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
+    model_state = dict(model_state)
+    if config.tie_embeddings:
+        model_state.pop("lm_head.weight", None)
+    check_tensors(model_state, expected_shapes(config), "the model state to checkpoint")
+    val = float(val_loss) if val_loss is not None and math.isfinite(val_loss) else None
+    # everything JSON first: a state that cannot be saved fails before any file is written
+    rng_tensors, rng_meta = _rng_to_disk(rng) if rng is not None else ({}, None)
+    trainer_json = json.dumps({"trainer_state": trainer_state or {}, "rng": rng_meta}, indent=1)
+    optim_tensors: dict[str, torch.Tensor] = {}
+    optim_json = None
+    if optimizer_state is not None:
+        optim_json = json.dumps(_encode(optimizer_state, "", optim_tensors), indent=1)
+
+    run_dir = Path(run_dir)
+    ckdir = run_dir / CHECKPOINTS
+    if not ckdir.is_dir():
+        ckdir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(run_dir)
+    final = ckdir / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckdir))
+    try:
+        model_dir = tmp / MODEL_DIR
+        model_dir.mkdir()
+        save_file(_storable(model_state), model_dir / WEIGHTS, metadata={"format": "pt"})
+        config.save(model_dir)
+        if tokenizer is not None:
+            tokenizer.save(model_dir)
+        if optim_json is not None:
+            save_file(_storable(optim_tensors), tmp / OPTIMIZER_TENSORS)
+            (tmp / OPTIMIZER_JSON).write_text(optim_json + "\n", encoding="utf-8")
+        if rng is not None:
+            save_file(_storable(rng_tensors), tmp / RNG_TENSORS)
+        (tmp / TRAINER_JSON).write_text(trainer_json + "\n", encoding="utf-8")
+        files = {
+            f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(tmp.rglob("*")) if f.is_file()
+        }
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "val_loss": val,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(ckdir)
+    _clean_leftovers(ckdir)
+    if keep_last:
+        _retain(ckdir, keep_last, final)
+    return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under `root` on disk, then every folder's entries (deepest first)."""
+    dirs = [root]
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            dirs.append(p)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(d)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux renameat2 RENAME_EXCHANGE); False
+    where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Make the folder `src` be `dst`, whether or not `dst` exists, atomically where possible."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):  # src now holds the old checkpoint, under its hidden name
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    # Two renames: a crash between them leaves the old one as `.step-*.old-*`, which the
+    # next save puts back (see _clean_leftovers).
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}")
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_leftovers(ckdir: Path) -> None:
+    """Remove the hidden folders interrupted saves and deletions left; an `.old` one
+    whose checkpoint is gone (a crash mid-replace) is put back instead."""
+    for p in ckdir.iterdir():
+        m = _HIDDEN.fullmatch(p.name)
+        if not m or not p.is_dir():
+            continue
+        target = ckdir / m.group(1)
+        if m.group(2) == "old" and not target.exists() and (p / MANIFEST).is_file():
+            with contextlib.suppress(OSError):  # if it cannot go back, keep it: it may be the only copy
+                os.replace(p, target)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+    fsync_dir(ckdir)
+
+
+def _retain(ckdir: Path, keep_last: int, just_saved: Path) -> None:
+    ckpts = list_checkpoints(ckdir)
+    keep = set(ckpts[-keep_last:]) | {just_saved}
+    scored = [(v, _step_of(p), p) for p in ckpts if (v := _manifest_val_loss(p)) is not None]
+    if scored:
+        keep.add(min(scored, key=lambda s: (s[0], s[1]))[2])
+    for p in ckpts:
+        if p not in keep:
+            _remove_dir(p)
+    fsync_dir(ckdir)
+
+
+def _remove_dir(path: Path) -> None:
+    """Hide first, then delete: a crash mid-delete leaves nothing `list_checkpoints` returns."""
+    hidden = path.with_name(f".{path.name}.del-{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}")
+    try:
+        os.replace(path, hidden)
+    except OSError:
+        hidden = path
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _manifest_val_loss(path: Path) -> float | None:
+    try:
+        v = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("val_loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+# --- finding and reading --------------------------------------------------------------
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.fullmatch(path.name).group(1))
+
+
+def _checkpoints_folder(run_dir: Path) -> Path:
+    """`run_dir/checkpoints`, or `run_dir` itself if it is that folder."""
+    if (run_dir / CHECKPOINTS).is_dir() or run_dir.name != CHECKPOINTS:
+        return run_dir / CHECKPOINTS
+    return run_dir
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders of a run (or of its `checkpoints/` folder), oldest step
+    first. Hidden temporary folders of unfinished saves are never listed; whether a
+    listed one is intact is `verify_checkpoint`'s question."""
+    ckdir = _checkpoints_folder(Path(run_dir))
+    if not ckdir.is_dir():
+        return []
+    found = [p for p in ckdir.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=_step_of)
+
+
+def _older_hint(path: Path) -> str:
+    """How to go on: name the newest older checkpoint of the same run, if there is one."""
+    if path.parent.name == CHECKPOINTS and _STEP_DIR.fullmatch(path.name):
+        older = [p for p in list_checkpoints(path.parent) if _step_of(p) < _step_of(path)]
+        if older:
+            return f"resume from an older checkpoint instead, e.g. --resume {older[-1]}"
+        return f"there is no older checkpoint in {path.parent}: start the run again without --resume"
+    return "resume from an older checkpoint instead (--resume CHECKPOINT_FOLDER)"
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(path, "the folder does not exist")
+    if not file.is_file():
+        raise CheckpointError(path, f"{MANIFEST} is missing (the save never finished, or the file was deleted)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"{MANIFEST} is truncated or not JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(path, f"{MANIFEST} is not an lmforge checkpoint manifest")
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+        raise LmforgeError(
+            f"checkpoint {path} has format version {manifest.get('version')!r}; this lmforge reads up to {VERSION}: upgrade lmforge"
+        )
+    return manifest
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every file against the manifest (presence, size, sha256); raise
+    `CheckpointError` naming the first file that is missing, truncated or altered."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    files = manifest["files"]
+    for name in REQUIRED:
+        if name not in files:
+            raise CheckpointError(path, f"{MANIFEST} does not list {name}")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(path, f"{name} is missing")
+        size, expected = file.stat().st_size, entry.get("size")
+        if size != expected:
+            how = "truncated" if isinstance(expected, int) and size < expected else "of the wrong size"
+            raise CheckpointError(path, f"{name} is {how}: {size} bytes, the manifest says {expected}")
+        if _sha256(file) != entry.get("sha256"):
+            raise CheckpointError(path, f"{name} does not match its sha256 in the manifest (its content changed on disk)")
+
+
+def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path / name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(path, f"{name} is not a readable safetensors file ({e})") from None
+
+
+def _load_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads((path / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path, f"{name} is not readable JSON ({e})") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Verify, then read everything back (tensors on CPU). Only safetensors and JSON
+    are parsed: reading a checkpoint never unpickles, so it runs no code from it."""
+    path = Path(path)
+    verify_checkpoint(path)
+    manifest = _read_manifest(path)
+    files = manifest["files"]
+    model_state = _load_tensors(path / MODEL_DIR, WEIGHTS)
+    config = Config.load(path / MODEL_DIR)
+    optimizer_state = None
+    if OPTIMIZER_JSON in files:
+        tensors = _load_tensors(path, OPTIMIZER_TENSORS) if OPTIMIZER_TENSORS in files else {}
+        optimizer_state = _decode(_load_json(path, OPTIMIZER_JSON), tensors)
+    trainer = _load_json(path, TRAINER_JSON)
+    rng = None
+    if trainer.get("rng") is not None:
+        rng = _rng_from_disk(_load_tensors(path, RNG_TENSORS) if RNG_TENSORS in files else {}, trainer["rng"])
+    return Checkpoint(
+        path=path,
+        step=int(manifest["step"]),
+        val_loss=manifest.get("val_loss"),
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        trainer_state=trainer.get("trainer_state") or {},
+        rng=rng,
+        config=config,
+    )
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A checkpoint folder (intact or not), as opposed to a run folder."""
+    return path.is_dir() and ((path / MANIFEST).is_file() or (path / MODEL_DIR).is_dir() or bool(_STEP_DIR.fullmatch(path.name)))
+
+
+def find_resumable(path: str | os.PathLike, say: Callable[[str], object] = print) -> Path | None:
+    """The checkpoint to resume from.
+
+    `path` is a run folder: its newest intact checkpoint, saying for each newer damaged
+    one that it is skipped (None if there is no checkpoint or none is intact). `path`
+    is a checkpoint folder: that one, verified (a damaged one is an error: the user
+    asked for it by name).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LmforgeError(
+            f"{path} does not exist: give a run folder (with {CHECKPOINTS}/) or a checkpoint folder ({CHECKPOINTS}/step-NNNNNNNN)"
+        )
+    if is_checkpoint_folder(path):
+        verify_checkpoint(path)
+        return path
+    ckpts = list_checkpoints(path)
+    for i in range(len(ckpts) - 1, -1, -1):
+        try:
+            verify_checkpoint(ckpts[i])
+            return ckpts[i]
+        except CheckpointError as e:
+            fallback = str(ckpts[i - 1]) if i else "nothing: no older checkpoint is left"
+            say(f"checkpoint {ckpts[i]} is damaged ({e.problem}); falling back to {fallback}")
+    return None

@@ -1,0 +1,151 @@
+"""One dataclass for a training run, filled from a TOML file and then `--key value` flags.
+
+Every field is a flag of `lmforge pretrain` (`max_steps` -> `--max-steps`) and a key
+of the TOML file; the file's `[model]` table overrides fields of the model preset
+(`n_layer = 4`). Flags win over the file, the file over the defaults, so a run is
+reproducible from `run.json`, which the trainer writes beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    """What a pretraining run needs. Sizes count tokens per process unless said otherwise."""
+
+    data: str = ""  # folder from `lmforge data prepare`
+    out: str = "runs/pretrain"  # run folder: checkpoints/, metrics.jsonl, loss.png
+    preset: str = "micro"  # model preset (`lmforge estimate --preset NAME` shows its size)
+    model: dict[str, Any] = field(default_factory=dict)  # preset overrides, e.g. {"n_layer": 4}
+    context_length: int = 0  # 0: the preset's
+    batch_size: int = 8  # windows per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 0  # optimizer steps; 0: from max_tokens
+    max_tokens: int = 0  # token budget (all processes) when max_steps is 0
+    time_limit: float = 0.0  # seconds; stop early (with a checkpoint) when reached; 0: none
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # cosine floor
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # not on norms, biases and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0: off
+    dtype: str = "auto"  # auto (bf16 autocast where the device has it, else fp32) | fp32 | bf16
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+    eval_every: int = 100  # steps; 0: only at the end
+    eval_batches: int = 20
+    save_every: int = 100  # steps; 0: only at the end
+    keep_last: int = 3  # checkpoints kept besides the best by validation loss
+    log_every: int = 10
+    sample_prompts: list[str] = field(default_factory=lambda: ["The ", "Once upon a time"])
+    sample_tokens: int = 48
+    max_bad_steps: int = 10  # consecutive non-finite steps before training stops
+    resume: str = ""  # "latest" (newest intact checkpoint in out) or a checkpoint folder
+    strategy: str = "ddp"  # under torchrun: ddp | fsdp
+    device: str = ""  # "" picks cuda, then mps, then cpu
+
+    def validate(self) -> None:
+        if not self.data:
+            raise LmforgeError("no training data: pass --data DIR (a folder made by `lmforge data prepare`)")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.max_tokens < 0 or (self.max_steps == 0 and self.max_tokens == 0 and self.time_limit <= 0):
+            raise LmforgeError("say how long to train: --max-steps N, --max-tokens N or --time-limit SECONDS")
+        if not 0 <= self.min_lr <= self.lr:
+            raise LmforgeError(f"need 0 <= --min-lr <= --lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise LmforgeError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise LmforgeError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
+        for name in ("eval_every", "save_every", "eval_batches", "keep_last", "warmup_steps", "log_every"):
+            if getattr(self, name) < 0:
+                raise LmforgeError(f"--{name.replace('_', '-')} must not be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LmforgeError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """The keys of a run file, checked later by `TrainConfig.from_dict`."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise LmforgeError(f"{path} is not valid TOML: {e}") from None
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field, defaulting to None so that only flags actually given override."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip or f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _TYPES[f.name]
+        if f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="PATH",
+                                help="continue from the newest intact checkpoint in --out, or from PATH")
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="+", default=None, metavar="TEXT")
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.split("_")[-1].upper())
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model field of the preset, e.g. --set n_layer=4 (repeatable)")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace, config_file: str | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then the flags that were given."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    source = str(config_file) if config_file else "flags"
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None and f.name != "model":
+            values[f.name] = given
+    model = dict(values.get("model", {}))
+    for item in getattr(args, "set", []) or []:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise LmforgeError(f"--set takes KEY=VALUE (e.g. n_layer=4), got {item!r}")
+        model[key.strip()] = _parse_value(text.strip())
+    values["model"] = model
+    return TrainConfig.from_dict(values, source)

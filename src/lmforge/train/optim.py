@@ -1,0 +1,43 @@
+"""AdamW with decay only where it regularises, and the warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the matrices of Linear layers only.
+
+    Weight decay pulls weights toward zero; that regularises the projections but only
+    distorts norm gains (their natural value is 1), biases and embedding rows (a rare
+    token's row would shrink every step it is not seen). A tied head is the embedding,
+    so it is not decayed either.
+    """
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # each shared Parameter once
+        if not p.requires_grad:
+            continue
+        (decay if id(p) in linear_weights and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; foreach kernels (one launch per group, not per tensor)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8, foreach=True)
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine down to `min_lr`
+    at `max_steps` (and `min_lr` after). A pure function of the step, so a resumed run
+    needs no scheduler state to continue exactly."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)

@@ -1,0 +1,100 @@
+"""The pretraining recipe: a prepared data folder + a model preset -> a trained run folder.
+
+It only wires library parts: token files (`lmforge.data`), the model (`lmforge.model`),
+processes (`train.distributed`) and the loop (`train.loop`). Under torchrun each rank
+reads its own slice of every global batch (`RandomWindows`), so N processes with batch
+B see exactly the windows one process with batch N x B sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from lmforge.config import Config
+from lmforge.data.tokens import TokenData
+from lmforge.data.windows import RandomWindows
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_text
+from lmforge.model import GPT
+from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import DistInfo, init_distributed, shutdown
+from lmforge.train.loop import Batch, Trainer, TrainResult
+
+EVAL_SEED_OFFSET = 1_000_003  # validation windows are drawn from their own seed, fixed for the run
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> Config:
+    """The preset, fitted to the data's vocabulary, with the run's overrides."""
+    overrides = {"vocab_size": vocab_size, **cfg.model}
+    if cfg.context_length:
+        overrides["context_length"] = cfg.context_length
+    return Config.from_name(cfg.preset, **overrides)
+
+
+def steps_for(cfg: TrainConfig, context_length: int, world_size: int) -> int:
+    """Optimizer steps: --max-steps, else the token budget over tokens per step."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum * context_length * world_size
+    return max(1, math.ceil(cfg.max_tokens / per_step))
+
+
+def windows(data: TokenData, split: str, context_length: int, cfg: TrainConfig, seed: int, info: DistInfo) -> RandomWindows:
+    tokens = data.split(split)
+    if len(tokens) <= context_length:
+        raise LmforgeError(
+            f"the {split} split of {data.path} has {len(tokens):,} tokens, fewer than one window of "
+            f"{context_length + 1}; prepare more text, a larger --val-fraction, or use a shorter --context-length"
+        )
+    return RandomWindows(tokens, context_length, cfg.batch_size, seed, info.rank, info.world_size)
+
+
+def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, progress: bool = True) -> Trainer:
+    """Everything a run needs, ready to `fit()`."""
+    cfg.validate()
+    say = say if info.is_main else (lambda _: None)
+    data = TokenData.open(cfg.data)
+    tokenizer = data.tokenizer()
+    config = model_config(cfg, data.vocab_size)
+    ctx = config.context_length
+    cfg = dataclasses.replace(cfg, max_steps=steps_for(cfg, ctx, info.world_size))
+    train = windows(data, "train", ctx, cfg, cfg.seed, info)
+    val = windows(data, "val", ctx, cfg, cfg.seed + EVAL_SEED_OFFSET, info)
+
+    def batch(draw: int, micro: int) -> Batch:
+        return train.batch(draw * cfg.grad_accum + micro)
+
+    def eval_batches() -> Iterator[Batch]:
+        return (val.batch(i) for i in range(cfg.eval_batches))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = GPT(config)
+    say(
+        f"model: {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters ({config.n_layer} layers, width {config.n_embd}, "
+        f"context {ctx}, vocabulary {config.vocab_size:,}); data: {data.num_tokens('train'):,} train / "
+        f"{data.num_tokens('val'):,} val tokens"
+    )
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * ctx * info.world_size
+    say(
+        f"training: {cfg.max_steps:,} steps x {tokens_per_step:,} tokens ({cfg.batch_size} x {ctx} x {cfg.grad_accum} accum"
+        f"{f' x {info.world_size} processes' if info.world_size > 1 else ''}) on {info.device}"
+    )
+    if info.is_main:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.out) / "run.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer, say=say, progress=progress)
+
+
+def run(cfg: TrainConfig, say: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+    """Pretrain as configured, on one process or under torchrun."""
+    info = init_distributed(cfg.device or None)
+    try:
+        return build(cfg, info, say, progress).fit()
+    finally:
+        shutdown(info)
