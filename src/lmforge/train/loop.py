@@ -278,8 +278,8 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save()
             bar.close()
-            if self.last_val is None or self.last_val[0] != self.step:
-                self._evaluate_and_log(log, None)
+            if stopped != "interrupted" and (self.last_val is None or self.last_val[0] != self.step):
+                self._evaluate_and_log(log, None)  # an interrupted run only saves: the user is waiting
             if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
                 self.save()
         plot = log.plot()
