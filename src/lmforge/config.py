@@ -47,6 +47,8 @@ class Config:
     tie_embeddings: bool = True
     attention: str = "sdpa"  # the fused kernel; "reference" is the readable softmax(QK^T/sqrt(d)) path
     init_std: float = 0.02
+    # a classification head (`GPT.score`) beside the LM head, one output per label; none when empty
+    labels: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -86,6 +88,8 @@ class Config:
                 raise LmforgeError(f"rope_scaling needs {sorted(missing)} (Llama 3 style frequency scaling)")
         if not 0.0 <= self.dropout < 1.0:
             raise LmforgeError(f"dropout must be in [0, 1), got {self.dropout}")
+        if len(set(self.labels)) != len(self.labels) or not all(isinstance(x, str) and x for x in self.labels):
+            raise LmforgeError(f"labels must be distinct non-empty names, got {self.labels}")
 
     # --- presets and overrides ---------------------------------------------------
     @classmethod

@@ -190,6 +190,34 @@ class Block(nn.Module):
 
 
 # --- the model -------------------------------------------------------------------------
+def padding_positions_and_mask(real: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Positions (B, T) and attention mask (B, 1, T, T) for rows with padding (`real` False).
+
+    Right padding needs neither: causal attention never looks ahead at it. Padding before
+    a real token (left padding) shifts the row's positions back to 0 at its first real
+    token and is hidden from every query; a padding slot sees itself, so no row of the
+    softmax is all -inf.
+    """
+    if bool((real[:, 1:] <= real[:, :-1]).all()):  # every row: real tokens, then padding
+        return None, None
+    T = real.size(1)
+    pos = (real.long().cumsum(1) - 1).clamp(min=0)
+    slots = torch.arange(T, device=real.device)
+    allowed = (slots[None, :] <= slots[:, None])[None] & real[:, None, :]  # (B, T, T)
+    allowed |= torch.eye(T, dtype=torch.bool, device=real.device)
+    return pos, allowed[:, None]
+
+
+def last_real_index(attention_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
+    """Each row's last real token (B,), wherever its padding is; T - 1 without a mask."""
+    if attention_mask is None:
+        return torch.full((1,), T - 1, device=device)
+    real = attention_mask.bool()
+    if not bool(real.any(1).all()):
+        raise LmforgeError("a row of the batch is all padding: every sequence needs at least one real token")
+    return T - 1 - real.flip(1).long().argmax(1)
+
+
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size), fp32."""
 
@@ -202,6 +230,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # classification (or reward, with one label) from the last real token's hidden state
+        self.score = nn.Linear(config.n_embd, len(config.labels), bias=False) if config.labels else None
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if config.positions == "rope":
@@ -230,6 +260,8 @@ class GPT(nn.Module):
         cache: Cache | None = None,
         return_hidden: bool = False,
         targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        classify: bool = False,
     ) -> torch.Tensor:
         """Logits for `idx` (B, T).
 
@@ -241,8 +273,15 @@ class GPT(nn.Module):
         `targets` (B, T) it returns the mean next-token cross-entropy instead of the logits
         (labels -100 ignored), computed by `lmforge.train.loss.head_loss` without ever
         holding the (B, T, vocab) logits: the training step's fast path.
+
+        `attention_mask` (B, T) is 1 on real tokens and 0 on padding (the Hugging Face
+        convention): left-padded rows get their own positions and never attend to the
+        padding, so each row's result equals running it alone. `classify` returns the
+        label logits (B, len(config.labels)) from each row's last real token.
         """
         B, T = idx.shape
+        if attention_mask is not None and pos is None and mask is None:
+            pos, mask = padding_positions_and_mask(attention_mask.bool())
         if pos is None:
             if T > self.config.context_length:
                 raise LmforgeError(
@@ -261,10 +300,16 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, mask, cache)
         x = self.norm_f(x)
+        if classify:
+            if self.score is None:
+                raise LmforgeError("this model has no classification head: its config has no labels")
+            return self.score(x[torch.arange(B, device=x.device), last_real_index(attention_mask, T, x.device)]).float()
         if return_hidden:
             return x
         if targets is not None:
-            from lmforge.train.loss import head_loss  # here, not at the top: train.loss imports this module
+            from lmforge.train.loss import (
+                head_loss,  # here, not at the top: train.loss imports this module
+            )
 
             return head_loss(self.lm_head, x, targets)
         return self.lm_head(x).float()

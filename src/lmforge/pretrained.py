@@ -38,9 +38,17 @@ def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
 def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer: object | None = None) -> Path:
     """Write the model folder; the tokenizer (if any) goes beside it as its own file."""
     path = Path(path)
+    state = state_dict_for_saving(model)
+    extra = sorted(set(state) - set(expected_shapes(model.config)))
+    if extra:
+        raise LmforgeError(
+            f"the model carries tensors a model folder has no place for ({', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}): "
+            "LoRA adapters or 4-bit weights. Merge them first (lmforge.finetune.lora.merge_lora, `lmforge lora merge`) "
+            "or save the adapters alone (lmforge.finetune.lora.save_adapter)"
+        )
     path.mkdir(parents=True, exist_ok=True)
     with atomic_file(path / WEIGHTS) as f:
-        f.write(save(state_dict_for_saving(model), metadata={"format": "pt"}))
+        f.write(save(state, metadata={"format": "pt"}))
     model.config.save(path)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is not None:
@@ -141,9 +149,14 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """A model from our folder, a Hugging Face folder, a llama2.c `.bin`, a training run
-    folder (its newest intact checkpoint) or one checkpoint folder (with `.tokenizer` set)."""
+    folder (its newest intact checkpoint), one checkpoint folder, or a LoRA adapter folder
+    (on the base it names), with `.tokenizer` set."""
     path = Path(path)
     path = _checkpoint_model_dir(path) or path
+    from lmforge.finetune.lora import is_adapter_dir, load_adapted
+
+    if is_adapter_dir(path):  # a LoRA adapter (or a LoRA run's checkpoint): its base + the adapter
+        return load_adapted(path, device=device)
     if path.is_file() and path.suffix == ".bin":
         from lmforge.interop.llama2c import load_llama2c
 

@@ -12,7 +12,7 @@ from lmforge.engine import Engine, end_of_text_ids
 from lmforge.errors import LmforgeError
 from lmforge.pretrained import load
 from lmforge.sampling import SamplingParams
-from lmforge.serve.chat import ChatSession
+from lmforge.serve.chat import ChatSession, template_for_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         lmforge generate --model runs/quickstart --prompt 'def fibonacci(n):' --stream
         lmforge generate --model stories260K.bin --prompt-ids 1 --max-new-tokens 200 --temperature 0
         lmforge generate --model hf-gpt2/ --prompt-ids 464,3290 --max-new-tokens 20 --temperature 0 --ids
+        lmforge generate --model runs/instruct --chat --prompt 'Name three primary colors.' --temperature 0
         """,
         description="""
         Continue a prompt (text, or token ids) with a model: our model folder, a Hugging
@@ -43,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eot", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--ids", action="store_true", help="print only the generated ids as one JSON array")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user message in the model's chat template (an instruction-tuned model's) and print the reply")
 
     p = add_command(
         sub,
@@ -104,15 +107,22 @@ def _prompt(args: argparse.Namespace, engine: Engine) -> list[int]:
 
 def _generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
+    stop_strings = list(args.stop)
+    if args.chat:
+        if args.prompt is None or engine.tokenizer is None:
+            raise LmforgeError("--chat needs a --prompt (text) and a model with a tokenizer")
+        template = template_for_model(engine.tokenizer)
+        args.prompt = template.render(None, [], args.prompt)
+        stop_strings += list(template.stop_strings)
     prompt = _prompt(args, engine)
     stop_ids = args.stop_id + ([] if args.ignore_eot else end_of_text_ids(engine.tokenizer))
-    options = dict(max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed, stop_ids=stop_ids, stop_strings=args.stop)
+    options = dict(max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed, stop_ids=stop_ids, stop_strings=stop_strings)
     if args.ids:
         print(json.dumps(engine.generate([prompt], **options)[0].ids))
         return 0
     if engine.tokenizer is None:
         raise LmforgeError(f"{args.model} has no tokenizer to print text with: add --ids to print token ids")
-    if args.prompt is not None:
+    if args.prompt is not None and not args.chat:
         sys.stdout.write(args.prompt)
     if args.stream:
         for _, text in engine.stream(prompt, **options):
@@ -126,7 +136,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    session = ChatSession(engine, system=args.system, sampling=_sampling(args), max_new_tokens=args.max_new_tokens, seed=args.seed)
+    session = ChatSession(engine, system=args.system, sampling=_sampling(args), max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          template=template_for_model(engine.tokenizer))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model} (/reset to start over, /quit or Ctrl-D to leave)")

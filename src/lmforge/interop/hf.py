@@ -198,6 +198,8 @@ def family_of(config: Config) -> Family:
 
 
 def _mismatches(config: Config, family: Family) -> list[str]:
+    if config.labels:
+        return [f"a classification head (labels {config.labels}); export the base model or a merged language model"]
     if family is GPT2:
         wanted = (
             ("norm", "layernorm"),

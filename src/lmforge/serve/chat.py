@@ -1,19 +1,29 @@
 """A chat session: history in, streamed reply out, over the `Engine`.
 
-How turns become tokens is the template's job. Until a model is instruction-tuned
-with a chat template of its own, `PlainTranscript` writes a transcript a base model
-can continue ("User: ...\\nAssistant: ..."), and the reply ends where the model starts
-the user's next line.
+How turns become tokens is the template's job. An instruction-tuned model names the
+template it learned in its tokenizer (`tokenizer.chat_template`: the Alpaca or the chat
+format of `lmforge.data.instruct`); a base model gets `PlainTranscript`, a transcript
+it can continue ("User: ...\\nAssistant: ..."), and the reply ends where the model
+starts the user's next line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lmforge.engine import Engine, end_of_text_ids
 from lmforge.errors import LmforgeError
 from lmforge.sampling import SamplingParams
+
+
+class Template(Protocol):
+    """What a chat session needs of a template."""
+
+    stop_strings: tuple[str, ...]
+
+    def render(self, system: str | None, turns: list[tuple[str, str]], user: str) -> str: ...
 
 
 @dataclass
@@ -30,6 +40,13 @@ class PlainTranscript:
         return "\n".join(lines)
 
 
+def template_for_model(tokenizer: object | None) -> Template:
+    """The template the model was tuned with (see `lmforge.data.instruct`), else a transcript."""
+    from lmforge.data.instruct import template_for
+
+    return template_for(tokenizer) or PlainTranscript()
+
+
 @dataclass
 class ChatSession:
     """Keeps the turns; drops the oldest ones when the transcript no longer fits the context."""
@@ -39,7 +56,7 @@ class ChatSession:
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.9)
     max_new_tokens: int = 256
     seed: int | None = None
-    template: PlainTranscript = field(default_factory=PlainTranscript)
+    template: Template = field(default_factory=PlainTranscript)
     turns: list[tuple[str, str]] = field(default_factory=list)
 
     def reset(self) -> None:
@@ -50,7 +67,9 @@ class ChatSession:
         tok = self.engine.tokenizer
         if tok is None:
             raise LmforgeError("chat needs a model with a tokenizer")
-        budget = self.engine.config.context_length - self.max_new_tokens
+        context = self.engine.config.context_length
+        reserve = min(self.max_new_tokens, context // 2)  # room for the reply; at least half the context for the history
+        budget = context - reserve
         while True:
             prompt = tok.encode(self.template.render(self.system, self.turns, user))
             if len(prompt) <= budget or not self.turns:
@@ -59,7 +78,7 @@ class ChatSession:
         if len(prompt) > budget:
             raise LmforgeError(
                 f"this message needs {len(prompt)} tokens, more than the {budget} the context leaves "
-                f"after {self.max_new_tokens} for the reply; write less or lower --max-new-tokens"
+                f"after {reserve} for the reply; write less or lower --max-new-tokens"
             )
         pieces = []
         for _, text in self.engine.stream(

@@ -66,7 +66,12 @@ class Tokenizer:
         pattern: str = GPT2_PATTERN,
         byte_order: Sequence[int] = range(256),
         name: str = "lmforge-bpe",
+        chat_template: str | None = None,
     ) -> None:
+        # the name of the chat format the model was tuned on ("alpaca", "chat"; see
+        # lmforge.data.instruct): it travels in tokenizer.json, as Hugging Face keeps a
+        # model's chat template in its tokenizer config, and does not change the ids
+        self.chat_template = chat_template
         byte_order = list(byte_order)
         if sorted(byte_order) != list(range(256)):
             raise LmforgeError("byte_order must list each of the 256 byte values exactly once")
@@ -116,6 +121,7 @@ class Tokenizer:
         """sha256 of what decides the ids (not the name): equal fingerprints, equal encodings."""
         d = self.to_dict()
         del d["name"]
+        d.pop("chat_template", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def __repr__(self) -> str:
@@ -212,6 +218,7 @@ class Tokenizer:
             "byte_order": self.byte_order,
             "merges": [[bytes_to_printable(self._tokens[a]), bytes_to_printable(self._tokens[b])] for a, b in self.merges],
             "special_tokens": self.special_tokens,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
         }
 
     @classmethod
@@ -233,7 +240,8 @@ class Tokenizer:
                 lb, rb = printable_to_bytes(left), printable_to_bytes(right)
                 merges.append((token_id[lb], token_id[rb]))
                 token_id.setdefault(lb + rb, 256 + k)
-            return cls(merges, {str(k): int(v) for k, v in d["special_tokens"].items()}, d["pattern"], byte_order, d.get("name", "lmforge-bpe"))
+            return cls(merges, {str(k): int(v) for k, v in d["special_tokens"].items()}, d["pattern"], byte_order,
+                       d.get("name", "lmforge-bpe"), d.get("chat_template"))
         except (KeyError, ValueError, TypeError) as e:
             raise LmforgeError(f"{source} is damaged: {type(e).__name__} {e}; re-create it") from None
 

@@ -58,8 +58,10 @@ RNG_TENSORS = "rng.safetensors"
 TRAINER_JSON = "trainer.json"
 FORMAT = "lmforge.checkpoint"
 VERSION = 1
-# Files every checkpoint has: a manifest that does not list them is not ours.
-REQUIRED = (f"{MODEL_DIR}/{WEIGHTS}", f"{MODEL_DIR}/config.json", TRAINER_JSON)
+# Files every checkpoint has: a manifest that does not list them is not ours. The model
+# folder holds the full weights (model.safetensors + config.json) or, for a run that
+# trains adapters over a frozen base, only what it trains (the recipe's `write_model`).
+REQUIRED = (TRAINER_JSON,)
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _HIDDEN = re.compile(r"\.(step-\d{8,})\.(tmp|old|del)-.*")
@@ -229,6 +231,7 @@ def save_checkpoint(
     tokenizer: object | None = None,
     val_loss: float | None = None,
     keep_last: int = 3,
+    write_model: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-NNNNNNNN/` atomically and apply retention.
 
@@ -236,6 +239,9 @@ def save_checkpoint(
     embedding). Retention keeps the newest `keep_last` checkpoints (0: all), the best
     by validation loss, and always the one just written. A non-finite `val_loss` is
     recorded as None (it can never be the best). Returns the checkpoint folder.
+
+    `write_model(folder)`, when given, writes the model folder instead of `model_state`
+    (a LoRA run saves its adapters there: the frozen base is not copied every time).
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise LmforgeError(f"checkpoint step must be a non-negative int, got {step!r}")
@@ -244,7 +250,8 @@ def save_checkpoint(
     model_state = dict(model_state)
     if config.tie_embeddings:
         model_state.pop("lm_head.weight", None)
-    check_tensors(model_state, expected_shapes(config), "the model state to checkpoint")
+    if write_model is None:
+        check_tensors(model_state, expected_shapes(config), "the model state to checkpoint")
     val = float(val_loss) if val_loss is not None and math.isfinite(val_loss) else None
     # everything JSON first: a state that cannot be saved fails before any file is written
     rng_tensors, rng_meta = _rng_to_disk(rng) if rng is not None else ({}, None)
@@ -264,8 +271,11 @@ def save_checkpoint(
     try:
         model_dir = tmp / MODEL_DIR
         model_dir.mkdir()
-        save_file(_storable(model_state), model_dir / WEIGHTS, metadata={"format": "pt"})
-        config.save(model_dir)
+        if write_model is not None:
+            write_model(model_dir)
+        else:
+            save_file(_storable(model_state), model_dir / WEIGHTS, metadata={"format": "pt"})
+            config.save(model_dir)
         if tokenizer is not None:
             tokenizer.save(model_dir)
         if optim_json is not None:
@@ -458,6 +468,8 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     for name in REQUIRED:
         if name not in files:
             raise CheckpointError(path, f"{MANIFEST} does not list {name}")
+    if not any(name.startswith(f"{MODEL_DIR}/") and name.endswith(".safetensors") for name in files):
+        raise CheckpointError(path, f"{MANIFEST} lists no weights in {MODEL_DIR}/")
     for name, entry in files.items():
         file = path / name
         if not file.is_file():
@@ -491,8 +503,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     verify_checkpoint(path)
     manifest = _read_manifest(path)
     files = manifest["files"]
-    model_state = _load_tensors(path / MODEL_DIR, WEIGHTS)
-    config = Config.load(path / MODEL_DIR)
+    full = f"{MODEL_DIR}/{WEIGHTS}" in files  # else the run saved adapters (see save_checkpoint's write_model)
+    model_state = _load_tensors(path / MODEL_DIR, WEIGHTS) if full else {}
+    config = Config.load(path / MODEL_DIR) if f"{MODEL_DIR}/config.json" in files else None
     optimizer_state = None
     if OPTIMIZER_JSON in files:
         tensors = _load_tensors(path, OPTIMIZER_TENSORS) if OPTIMIZER_TENSORS in files else {}

@@ -103,16 +103,16 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise LmforgeError(f"{path} is not valid TOML: {e}") from None
 
 
-_TYPES = typing.get_type_hints(TrainConfig)
-
-
-def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field, defaulting to None so that only flags actually given override."""
-    for f in dataclasses.fields(TrainConfig):
+def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), cls: type[TrainConfig] | None = None) -> None:
+    """One flag per field of `cls` (TrainConfig or a recipe's subclass), defaulting to
+    None so that only flags actually given override."""
+    cls = cls or TrainConfig
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         if f.name in skip or f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = _TYPES[f.name]
+        kind = types[f.name]
         if f.name == "resume":
             parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="PATH",
                                 help="continue from the newest intact checkpoint in --out, or from PATH")
@@ -122,8 +122,9 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
             parser.add_argument(flag, nargs="+", default=None, metavar="TEXT")
         else:
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.split("_")[-1].upper())
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model field of the preset, e.g. --set n_layer=4 (repeatable)")
+    if "model" not in skip:
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a model field of the preset, e.g. --set n_layer=4 (repeatable)")
 
 
 def _parse_value(text: str) -> Any:
@@ -133,11 +134,12 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def config_from_args(args: argparse.Namespace, config_file: str | None = None) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, config_file: str | None = None, cls: type[TrainConfig] | None = None) -> TrainConfig:
     """Defaults, then the TOML file, then the flags that were given."""
+    cls = cls or TrainConfig
     values: dict[str, Any] = load_toml(config_file) if config_file else {}
     source = str(config_file) if config_file else "flags"
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
         if given is not None and f.name != "model":
             values[f.name] = given
@@ -148,4 +150,4 @@ def config_from_args(args: argparse.Namespace, config_file: str | None = None) -
             raise LmforgeError(f"--set takes KEY=VALUE (e.g. n_layer=4), got {item!r}")
         model[key.strip()] = _parse_value(text.strip())
     values["model"] = model
-    return TrainConfig.from_dict(values, source)
+    return cls.from_dict(values, source)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,15 +31,32 @@ from lmforge.engine import Engine
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.sampling import SamplingParams
-from lmforge.train.checkpoint import capture_rng, find_resumable, read_checkpoint, restore_rng, save_checkpoint
+from lmforge.train.checkpoint import (
+    capture_rng,
+    find_resumable,
+    read_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from lmforge.train.config import TrainConfig
-from lmforge.train.distributed import DistInfo, all_reduce_mean, barrier, full_state, load_full_state, no_sync, unwrap, wrap_model
+from lmforge.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    full_state,
+    load_full_state,
+    no_sync,
+    unwrap,
+    wrap_model,
+)
 from lmforge.train.loss import next_token_loss
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (inputs, targets): inputs are the ids (B, T) or a dict of tensors with "input_ids"
+# (e.g. with an "attention_mask"); the loss function knows what its batches hold
+Batch = tuple[Any, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -63,6 +81,24 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "fp32" or (dtype == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         return None
     return torch.bfloat16
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """A batch's tensors on `device`: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def num_tokens(x: Any) -> int:
+    """Tokens in a batch's input: the ids tensor, or the "input_ids" of a dict."""
+    if isinstance(x, dict):
+        x = x["input_ids"]
+    return int(x.numel())
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -108,8 +144,16 @@ class Trainer:
         loss_fn: LossFn = next_token_loss,
         say: Callable[[str], None] = print,
         progress: bool = True,
+        write_model: Callable[[Path], object] | None = None,
+        read_model: Callable[[Path], object] | None = None,
     ) -> None:
+        """`write_model(folder)` / `read_model(folder)` replace the full weights in each
+        checkpoint's model folder: a run that trains adapters over a frozen base saves
+        and restores only those (`lmforge.finetune`)."""
         cfg.validate()
+        if (write_model is None) != (read_model is None):
+            raise LmforgeError("give the trainer both write_model and read_model, or neither")
+        self.write_model, self.read_model = write_model, read_model
         if cfg.max_steps <= 0:
             raise LmforgeError("the trainer needs cfg.max_steps; the recipe derives it from --max-tokens")
         self.cfg, self.info, self.tokenizer = cfg, info, tokenizer
@@ -146,7 +190,7 @@ class Trainer:
             path = save_checkpoint(
                 self.out, self.step, config=self.model.config, model_state=model_state, optimizer_state=optim_state,
                 trainer_state=self._trainer_state(), rng=capture_rng(), tokenizer=self.tokenizer, val_loss=val,
-                keep_last=self.cfg.keep_last,
+                keep_last=self.cfg.keep_last, write_model=self.write_model,
             )
             self.last_checkpoint = path
         barrier(self.info)
@@ -160,7 +204,13 @@ class Trainer:
         ckpt = read_checkpoint(path)
         if ckpt.trainer_state.get("config", {}).get("preset") not in (None, self.cfg.preset):
             self.say(f"note: {path} was trained with preset {ckpt.trainer_state['config']['preset']!r}")
-        load_full_state(self.wrapped, self.optimizer, ckpt.model_state, ckpt.optimizer_state, self.info)
+        model_state = ckpt.model_state
+        if self.read_model is not None:
+            self.read_model(path / "model")
+            model_state = full_state(self.wrapped, self.optimizer, self.info)[0]  # as it now is: restore the optimizer only
+        elif not model_state:
+            raise LmforgeError(f"{path} holds adapters, not a whole model: resume it with the recipe that trained them")
+        load_full_state(self.wrapped, self.optimizer, model_state, ckpt.optimizer_state, self.info)
         if ckpt.rng is not None:  # the loop reseeds torch each step; this restores Python's and NumPy's too
             restore_rng(ckpt.rng)
         self.step = int(ckpt.trainer_state["step"])
@@ -178,8 +228,9 @@ class Trainer:
         self.wrapped.eval()
         total, n = torch.zeros((), device=self.device), 0
         for x, y in self.eval_batches():
+            x, y = to_device((x, y), self.device)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                total += self.loss_fn(self.wrapped, x.to(self.device), y.to(self.device)).float()
+                total += self.loss_fn(self.wrapped, x, y).float()
             n += 1
         self.wrapped.train()
         loss = float(all_reduce_mean(total / max(n, 1), self.info))
@@ -207,15 +258,14 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            x, y = self.batch(draw, micro)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = to_device(self.batch(draw, micro), self.device)
             with no_sync(self.wrapped, micro < cfg.grad_accum - 1), torch.autocast(
                 self.device.type, dtype=self.amp, enabled=self.amp is not None
             ):
                 loss = self.loss_fn(self.forward, x, y) / cfg.grad_accum
             loss.backward()
             total += loss.detach().float()
-            self.tokens_seen += x.numel() * self.info.world_size
+            self.tokens_seen += num_tokens(x) * self.info.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
         return total, grad_norm

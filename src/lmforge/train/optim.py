@@ -16,7 +16,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     token's row would shrink every step it is not seen). A tied head is the embedding,
     so it is not decayed either.
     """
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    # matrices owned by a Linear: its weight, and a LoRA layer's A and B (a Linear subclass)
+    linear_weights = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False) if p.dim() >= 2}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # each shared Parameter once

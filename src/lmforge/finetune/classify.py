@@ -1,0 +1,169 @@
+"""The classification recipe: a base model learns to label texts (spam or ham).
+
+A head on the last real token's hidden state (`GPT.score`, padding-aware) reads the
+whole text, since under causal attention only the last token has seen all of it. The
+labelled file is balanced by undersampling and split 70/10/20 (`lmforge.data.labeled`),
+the loop, checkpoints and metrics are the trainer's, and loss and accuracy are measured
+on every split before and after training into `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.labeled import (
+    ClassificationBatches,
+    balanced_split,
+    read_labeled,
+    save_split,
+)
+from lmforge.errors import LmforgeError
+from lmforge.finetune.base import (
+    checkpoint_hooks,
+    load_base,
+    set_trainable,
+    start_run,
+    steps_for,
+)
+from lmforge.finetune.config import FinetuneConfig
+from lmforge.io import atomic_write_text
+from lmforge.model import GPT
+from lmforge.train.distributed import init_distributed, shutdown
+from lmforge.train.loop import Trainer
+
+SPLITS = ("train", "val", "test")
+EVAL_BATCH = 32
+
+
+def classification_loss(model: torch.nn.Module, x: dict, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x["input_ids"], attention_mask=x["attention_mask"], classify=True), y)
+
+
+def as_inputs(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[dict, torch.Tensor]:
+    ids, mask, labels = batch
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Mean loss and accuracy over every example of a split."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for batch in batches:
+        x, y = as_inputs(batch)
+        logits = model(x["input_ids"].to(model.device), attention_mask=x["attention_mask"].to(model.device), classify=True)
+        y = y.to(model.device)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "examples": n}
+
+
+@torch.no_grad()
+def predict(model: GPT, texts: list[str], max_length: int | None = None) -> list[tuple[str, float]]:
+    """(label, probability) for each text."""
+    if model.score is None:
+        raise LmforgeError("this model has no classification head; train one with `lmforge finetune classify`")
+    tok = model.tokenizer
+    if tok is None:
+        raise LmforgeError("this model has no tokenizer beside its weights")
+    limit = min(max_length or model.config.context_length, model.config.context_length)
+    model.eval()
+    out = []
+    for text in texts:
+        ids = tok.encode(text)[:limit] or [tok.eot_id]
+        probs = model(torch.tensor([ids], device=model.device), classify=True).softmax(-1)[0]
+        k = int(probs.argmax())
+        out.append((model.config.labels[k], float(probs[k])))
+    return out
+
+
+@dataclass
+class ClassifyResult:
+    out: Path
+    checkpoint: Path | None
+    metrics: dict
+    stopped: str
+
+
+def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool = True) -> ClassifyResult:
+    cfg.validate()
+    info = init_distributed(cfg.device or None)
+    say = say if info.is_main else (lambda _: None)
+    try:
+        examples, labels = read_labeled(cfg.data, text_field=cfg.text_field, label_field=cfg.label_field)
+        splits = balanced_split(examples)  # the book's split (seed 123), the same whatever the training seed
+        counts = ", ".join(f"{s} {len(splits[s]):,}" for s in SPLITS)
+        say(f"data: {len(examples):,} examples, labels {labels}; balanced split: {counts}")
+        model = load_base(cfg, labels)
+        tokenizer = model.tokenizer
+        max_length = min(cfg.max_length or model.config.context_length, model.config.context_length)
+        data = {
+            s: ClassificationBatches(splits[s], tokenizer, batch_size=cfg.batch_size * (info.world_size if s == "train" else 1),
+                                     seed=cfg.seed, max_length=max_length, padding_side=cfg.padding_side,
+                                     drop_last=s == "train")
+            for s in SPLITS
+        }
+        if data["train"].truncated:
+            say(f"note: {data['train'].truncated} training texts were cut to {max_length} tokens")
+        report = set_trainable(model, cfg, say)
+        say(str(report))
+        cfg = dataclasses.replace(cfg, max_steps=steps_for(cfg, data["train"].steps_per_epoch))
+        model.to(info.device)
+        before = {s: evaluate(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS} if not cfg.resume else None
+        if before:
+            say("before: " + _summary(before))
+
+        def batch(draw: int, micro: int) -> tuple[dict, torch.Tensor]:
+            x, y = as_inputs(data["train"].batch(draw * cfg.grad_accum + micro))
+            rows = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)  # this rank's share
+            return {k: v[rows] for k, v in x.items()}, y[rows]
+
+        def eval_batches() -> Iterable[tuple[dict, torch.Tensor]]:
+            limit = cfg.eval_batches or None
+            for i, b in enumerate(data["val"].iter_eval(EVAL_BATCH)):
+                if limit is not None and i >= limit:
+                    break
+                yield as_inputs(b)
+
+        trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer,
+                          loss_fn=classification_loss, say=say, progress=progress, **checkpoint_hooks(model, cfg, report))
+        start_run(cfg, info)
+        if info.is_main:
+            save_split({s: splits[s] for s in SPLITS}, Path(cfg.out) / "split", labels)
+        result = trainer.fit()
+        after = {s: evaluate(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS}
+        say("after:  " + _summary(after))
+        metrics = {
+            "task": "classify",
+            "base": cfg.base,
+            "from_scratch": cfg.from_scratch,
+            "labels": labels,
+            "trainable": {"parameters": report.trainable, "total": report.total, "how": report.how},
+            "steps": result.step,
+            "splits": {s: {"examples": after[s]["examples"], **({"before": _strip(before[s])} if before else {}),
+                           "after": _strip(after[s])} for s in SPLITS},
+        }
+        out = Path(cfg.out)
+        if info.is_main:
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return ClassifyResult(out, result.checkpoint, metrics, result.stopped)
+    finally:
+        shutdown(info)
+
+
+def _strip(m: dict) -> dict:
+    return {"loss": m["loss"], "accuracy": m["accuracy"]}
+
+
+def _summary(m: dict) -> str:
+    return ", ".join(f"{s} loss {m[s]['loss']:.3f} accuracy {100 * m[s]['accuracy']:.2f}%" for s in SPLITS)

@@ -1,0 +1,82 @@
+"""One dataclass for a fine-tuning run: the training fields of `TrainConfig`, plus what
+to start from (`base`), which weights learn (`trainable`, LoRA, 4-bit base) and how the
+task's examples become tokens.
+
+Every field is a flag (`lora_r` -> `--lora-r`) and a key of a TOML file, as for
+`lmforge pretrain`; the run writes `run.json` beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from lmforge.errors import LmforgeError
+from lmforge.train.config import TrainConfig
+
+TRAINABLE_HELP = "all | last-N (the last N blocks, the final norm and the head) | head"
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A fine-tuning run. `data` is the task's file (SMS spam collection, CSV, JSON, JSONL)."""
+
+    base: str = ""  # model folder, training run, Hugging Face folder or llama2.c .bin to start from
+    from_scratch: bool = False  # the base's shape and tokenizer, fresh random weights (the baseline)
+    out: str = "runs/finetune"
+    # training defaults of the book's fine-tuning chapters: small lr, short warmup, a few epochs
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_steps: int = 10
+    batch_size: int = 8
+    epochs: float = 0.0  # passes over the training split when --max-steps is 0
+    eval_every: int = 50
+    save_every: int = 0
+    eval_batches: int = 0  # 0: the whole validation split
+    sample_prompts: list[str] = field(default_factory=list)
+    # which weights learn
+    trainable: str = "all"
+    lora_r: int = 0  # 0: no LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    quantize: str = ""  # "nf4": the frozen base in 4 bits (QLoRA; needs --lora-r)
+    # how examples become tokens
+    max_length: int = 0  # tokens per example; 0: the model's context length
+    text_field: str = "text"
+    label_field: str = "label"
+    padding_side: str = "right"
+    mask_prompt: bool = True  # instruction tuning: learn the responses only
+    template: str = "auto"  # instruction tuning: alpaca | chat | auto (from the data)
+
+    def validate(self) -> None:
+        if self.max_steps == 0 and self.max_tokens == 0 and self.epochs <= 0 and self.time_limit <= 0:
+            raise LmforgeError("say how long to train: --epochs N, --max-steps N or --time-limit SECONDS")
+        # with --epochs the recipe sets max_steps once it has counted the examples
+        TrainConfig.validate(dataclasses.replace(self, max_steps=self.max_steps or 1))
+        if not self.base and not self.from_scratch:
+            raise LmforgeError("say what to fine-tune: --base DIR (a model folder or a training run)")
+        self.trainable_blocks()  # checks the spelling
+        if self.lora_r < 0:
+            raise LmforgeError(f"--lora-r must be positive (0: no LoRA), got {self.lora_r}")
+        if self.quantize not in ("", "nf4"):
+            raise LmforgeError(f"--quantize takes nf4, got {self.quantize!r}")
+        if self.quantize and not self.lora_r:
+            raise LmforgeError("--quantize nf4 freezes the base in 4 bits: give adapters to train with --lora-r (e.g. --lora-r 8)")
+        if self.padding_side not in ("left", "right"):
+            raise LmforgeError(f"--padding-side must be left or right, got {self.padding_side!r}")
+        if self.template not in ("auto", "alpaca", "chat"):
+            raise LmforgeError(f"--template must be auto, alpaca or chat, got {self.template!r}")
+
+    def trainable_blocks(self) -> int | None:
+        """None: every weight; N: only the last N blocks (0 = the head alone) + norm + head."""
+        if self.trainable == "all":
+            return None
+        if self.trainable == "head":
+            return 0
+        m = re.fullmatch(r"last-(\d+)", self.trainable)
+        if not m:
+            raise LmforgeError(f"--trainable must be {TRAINABLE_HELP}; got {self.trainable!r}")
+        return int(m.group(1))

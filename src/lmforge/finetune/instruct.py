@@ -1,0 +1,179 @@
+"""The instruction-tuning recipe: a base model learns to answer in a template.
+
+Examples (Alpaca instruction/input/output, or chat messages) are rendered with the
+template of `lmforge.data.instruct`, batches are padded per batch, and the loss is
+taken on the responses only (the prompt's labels are -100), with <|endoftext|> learned
+once at the end of each. The template's name is saved in the tokenizer
+(`tokenizer.chat_template`), so `lmforge chat` and `lmforge generate --chat` talk to the
+model in the format it learned. After training the held-out prompts are answered
+(greedy) into `responses.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.data.instruct import (
+    IGNORE_INDEX,
+    InstructionBatches,
+    book_split,
+    read_instructions,
+    template_named,
+)
+from lmforge.engine import Engine, end_of_text_ids
+from lmforge.finetune.base import (
+    checkpoint_hooks,
+    load_base,
+    set_trainable,
+    start_run,
+    steps_for,
+)
+from lmforge.finetune.config import FinetuneConfig
+from lmforge.io import atomic_write_text
+from lmforge.model import GPT
+from lmforge.sampling import SamplingParams
+from lmforge.train.distributed import init_distributed, shutdown
+from lmforge.train.loop import Trainer
+from lmforge.train.loss import next_token_loss
+
+SPLITS = ("train", "val", "test")
+EVAL_BATCH = 8
+RESPONSE_TOKENS = 256  # at most, per held-out response
+
+
+@torch.no_grad()
+def response_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Mean cross-entropy per response token (every learned label weighs the same)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        n = int((y != IGNORE_INDEX).sum())
+        total += float(next_token_loss(model, x.to(model.device), y.to(model.device))) * n
+        count += n
+    model.train(was_training)
+    return {"loss": total / max(count, 1), "tokens": count}
+
+
+def choose_template(cfg: FinetuneConfig, items: list[dict]) -> str:
+    if cfg.template != "auto":
+        return cfg.template
+    return "chat" if any("messages" in item for item in items) else "alpaca"
+
+
+@torch.no_grad()
+def answer(model: GPT, items: list[dict], template_name: str, max_new_tokens: int = RESPONSE_TOKENS, batch: int = 8) -> list[dict]:
+    """Greedy responses to each item's prompt (everything before its last reply)."""
+    template = template_named(template_name)
+    tok = model.tokenizer
+    engine = Engine(model, tok, relayout=False, prefetch=False)  # the weights stay as training left them
+    context = model.config.context_length
+    prompts = []
+    for item in items:
+        segments = template.item_segments(item)
+        prompts.append("".join(p + r for p, r in segments[:-1]) + segments[-1][0])
+    out: list[dict] = []
+    for start in range(0, len(items), batch):
+        chunk = [tok.encode(p) for p in prompts[start : start + batch]]
+        fits = [ids for ids in chunk if len(ids) < context]
+        budget = min(max_new_tokens, context - max(len(ids) for ids in fits)) if fits else 0
+        done = iter(engine.generate(fits, max_new_tokens=budget, sampling=SamplingParams(temperature=0.0),
+                                    stop_ids=end_of_text_ids(tok), stop_strings=template.stop_strings) if fits and budget > 0 else [])
+        for item, ids in zip(items[start : start + batch], chunk):
+            completion = next(done) if len(ids) < context and budget > 0 else None
+            record = {k: v for k, v in item.items()}
+            record["response"] = completion.text.strip() if completion is not None else None
+            if completion is None:
+                record["note"] = f"the prompt ({len(ids)} tokens) leaves no room in the context ({context})"
+            out.append(record)
+    model.train()
+    return out
+
+
+@dataclass
+class InstructResult:
+    out: Path
+    checkpoint: Path | None
+    metrics: dict
+    responses: Path
+    stopped: str
+
+
+def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool = True) -> InstructResult:
+    cfg.validate()
+    info = init_distributed(cfg.device or None)
+    say = say if info.is_main else (lambda _: None)
+    try:
+        items = read_instructions(cfg.data)
+        splits = book_split(items)
+        name = choose_template(cfg, items)
+        say(f"data: {len(items):,} examples ({name} template); split in order: "
+            + ", ".join(f"{s} {len(splits[s]):,}" for s in SPLITS))
+        model = load_base(cfg)
+        tokenizer = model.tokenizer
+        tokenizer.chat_template = name  # saved with every checkpoint: chat uses the format the model learned
+        max_length = min(cfg.max_length or model.config.context_length, model.config.context_length)
+        data = {
+            s: InstructionBatches(splits[s], tokenizer, batch_size=cfg.batch_size * (info.world_size if s == "train" else 1),
+                                  seed=cfg.seed, template=template_named(name), mask_prompt=cfg.mask_prompt,
+                                  max_length=max_length, drop_last=s == "train")
+            for s in SPLITS
+        }
+        for s in SPLITS:
+            if data[s].dropped:
+                say(f"note: {len(data[s].dropped)} {s} examples have no response left within {max_length} tokens and are left out")
+        report = set_trainable(model, cfg, say)
+        say(str(report))
+        cfg = dataclasses.replace(cfg, max_steps=steps_for(cfg, data["train"].steps_per_epoch))
+        model.to(info.device)
+        before = None if cfg.resume else {s: response_loss(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS}
+        if before:
+            say("before: " + _summary(before))
+
+        def batch(draw: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = data["train"].batch(draw * cfg.grad_accum + micro)
+            rows = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)  # this rank's share
+            return x[rows], y[rows]
+
+        def eval_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            for i, b in enumerate(data["val"].iter_eval(EVAL_BATCH)):
+                if cfg.eval_batches and i >= cfg.eval_batches:
+                    break
+                yield b
+
+        trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer, say=say,
+                          progress=progress, **checkpoint_hooks(model, cfg, report))
+        start_run(cfg, info)
+        result = trainer.fit()
+        after = {s: response_loss(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS}
+        say("after:  " + _summary(after))
+        out = Path(cfg.out)
+        responses = out / "responses.jsonl"
+        if info.is_main:
+            say(f"answering the {len(splits['test'])} held-out prompts (greedy) into {responses}")
+            lines = [json.dumps(r, ensure_ascii=False) for r in answer(model, splits["test"], name)]
+            atomic_write_text(responses, "\n".join(lines) + "\n")
+        metrics = {
+            "task": "instruct",
+            "base": cfg.base,
+            "template": name,
+            "mask_prompt": cfg.mask_prompt,
+            "trainable": {"parameters": report.trainable, "total": report.total, "how": report.how},
+            "steps": result.step,
+            "splits": {s: {"examples": len(data[s]), **({"before": before[s]} if before else {}), "after": after[s]} for s in SPLITS},
+        }
+        if info.is_main:
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return InstructResult(out, result.checkpoint, metrics, responses, result.stopped)
+    finally:
+        shutdown(info)
+
+
+def _summary(m: dict) -> str:
+    return ", ".join(f"{s} response loss {m[s]['loss']:.3f}" for s in SPLITS)

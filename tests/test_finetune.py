@@ -1,0 +1,169 @@
+"""Fine-tuning recipes end to end on tiny models: classification (head on the last real
+token), instruction tuning with masked prompts, LoRA and QLoRA runs, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shared
+from safetensors.torch import load_file
+
+import lmforge
+from lmforge.cli import main
+from lmforge.config import Config
+from lmforge.data.instruct import book_split, read_instructions
+from lmforge.finetune.lora import LoRALinear
+from lmforge.finetune.nf4 import Linear4bit
+from lmforge.model import GPT
+from lmforge.pretrained import save_pretrained
+from lmforge.tokenizer import train_bpe
+
+SMS = shared("sms_spam/SMSSpamCollection")
+INSTRUCTIONS = shared("llms-from-scratch/instruction-data.json")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random base of each family, with a small BPE trained on the SMS texts."""
+    root = tmp_path_factory.mktemp("bases")
+    tok = train_bpe([SMS.read_text(encoding="utf-8")[:60_000]], 320, progress=False)
+    out = {}
+    for family, preset in (("llama", "nano"), ("gpt2", "small")):
+        torch.manual_seed(0)
+        config = Config.from_name(preset, vocab_size=tok.vocab_size, context_length=256, n_layer=2, n_head=4, n_embd=64,
+                                  mlp_hidden=128, **({"n_kv_head": 2} if family == "llama" else {}))
+        out[family] = save_pretrained(GPT(config), root / family, tokenizer=tok)
+    return out
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> str:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+# --- the classification head -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["nano", "small"])
+def test_head_reads_the_last_real_token_with_either_padding(preset):
+    torch.manual_seed(0)
+    model = GPT(Config.from_name(preset, vocab_size=50, context_length=16, n_layer=2, labels=["a", "b", "c"])).eval()
+    rows = [torch.randint(0, 50, (n,)) for n in (9, 4, 1)]
+    alone = torch.cat([model(r[None], classify=True) for r in rows])
+    for side in ("right", "left"):
+        ids = torch.full((3, 9), 7)
+        mask = torch.zeros(3, 9, dtype=torch.long)
+        for b, r in enumerate(rows):
+            where = slice(0, len(r)) if side == "right" else slice(9 - len(r), 9)
+            ids[b, where], mask[b, where] = r, 1
+        torch.testing.assert_close(model(ids, attention_mask=mask, classify=True), alone, rtol=0, atol=1e-5)
+        # the pad id's value must not matter: the mask alone says what is padding
+        ids[mask == 0] = 3
+        torch.testing.assert_close(model(ids, attention_mask=mask, classify=True), alone, rtol=0, atol=1e-5)
+
+
+def test_left_padding_keeps_gradients_finite():
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("nano", vocab_size=50, context_length=16, n_layer=1, labels=["a", "b"]))
+    mask = torch.tensor([[0, 0, 0, 1], [1, 1, 1, 1]])
+    model(torch.randint(0, 50, (2, 4)), attention_mask=mask, classify=True).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_classify_end_to_end(bases, tmp_path, capsys):
+    out = tmp_path / "spam"
+    printed = run_cli(capsys, "finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--max-steps", "6",
+                      "--batch-size", "8", "--lr", "1e-3", "--eval-every", "3", "--out", str(out))
+    assert "test  accuracy" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == ["ham", "spam"] and metrics["steps"] == 6
+    assert {s: metrics["splits"][s]["examples"] for s in ("train", "val", "test")} == {"train": 1045, "val": 149, "test": 300}
+    for split in metrics["splits"].values():
+        for when in ("before", "after"):
+            assert 0.0 <= split[when]["accuracy"] <= 1.0 and split[when]["loss"] > 0
+    assert metrics["splits"]["train"]["after"]["loss"] < metrics["splits"]["train"]["before"]["loss"]
+    model = lmforge.load(out)
+    assert model.config.labels == ["ham", "spam"] and model.score is not None
+    lines = run_cli(capsys, "classify", "--model", str(out), "WIN a prize now", "see you at 6").splitlines()
+    assert [line.split("\t")[0] in ("ham", "spam") for line in lines] == [True, True]
+    assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in lines)
+    assert (out / "split" / "test.jsonl").is_file() and (out / "loss.png").is_file()
+
+
+def test_last_block_training_changes_only_the_last_block_norm_and_head(bases, tmp_path, capsys):
+    out = tmp_path / "last"
+    run_cli(capsys, "finetune", "classify", "--base", str(bases["gpt2"]), "--data", str(SMS), "--max-steps", "3",
+            "--batch-size", "4", "--lr", "1e-2", "--trainable", "last-1", "--out", str(out))
+    base, tuned = lmforge.load(bases["gpt2"]).state_dict(), lmforge.load(out).state_dict()
+    for name, before in base.items():
+        learns = name.startswith(("blocks.1.", "norm_f."))  # the last of 2 blocks and the final norm
+        assert torch.equal(before, tuned[name]) == (not learns), name
+    assert "score.weight" in tuned
+
+
+# --- instruction tuning ------------------------------------------------------------------
+
+
+def test_instruct_end_to_end_with_lora(bases, tmp_path, capsys):
+    out = tmp_path / "instruct"
+    printed = run_cli(capsys, "finetune", "instruct", "--base", str(bases["gpt2"]), "--data", str(INSTRUCTIONS), "--max-steps", "4",
+                      "--batch-size", "4", "--lr", "3e-3", "--lora-r", "4", "--lora-targets", "all-linear",
+                      "--eval-batches", "2", "--out", str(out))
+    assert "response loss" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["template"] == "alpaca" and metrics["steps"] == 4
+    assert metrics["splits"]["val"]["after"]["loss"] < metrics["splits"]["val"]["before"]["loss"]
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    test_items = book_split(read_instructions(INSTRUCTIONS))["test"]
+    assert [r["instruction"] for r in responses] == [it["instruction"] for it in test_items]
+    # the checkpoint holds the adapter only; lmforge.load puts it on its base, with the chat template
+    model_dir = sorted((out / "checkpoints").glob("step-*"))[-1] / "model"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json", "tokenizer.json"]
+    model = lmforge.load(out)
+    assert any(isinstance(m, LoRALinear) for m in model.modules()) and model.tokenizer.chat_template == "alpaca"
+    # merged into a plain model folder, the logits stay
+    merged = tmp_path / "merged"
+    run_cli(capsys, "lora", "merge", "--adapter", str(model_dir), "--out", str(merged))
+    x = torch.randint(0, 300, (2, 20))
+    torch.testing.assert_close(lmforge.load(merged)(x), model(x), rtol=0, atol=1e-5)
+    reply = run_cli(capsys, "generate", "--model", str(out), "--chat", "--prompt", "Name a color.", "--temperature", "0",
+                    "--max-new-tokens", "5")
+    assert "### Response" not in reply
+
+
+def _adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(sorted((run / "checkpoints").glob("step-*"))[-1] / "model" / "adapter.safetensors")
+
+
+def test_qlora_run_resumes_exactly(bases, tmp_path, capsys):
+    common = ["finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--max-steps", "4", "--batch-size", "4",
+              "--lr", "1e-3", "--lora-r", "4", "--lora-dropout", "0.1", "--quantize", "nf4", "--grad-accum", "2",
+              "--save-every", "2", "--eval-every", "2", "--eval-batches", "1"]
+    run_cli(capsys, *common, "--out", str(tmp_path / "whole"))
+    model = lmforge.load(tmp_path / "whole")
+    assert any(isinstance(m, Linear4bit) for m in model.modules())  # the adapter brings its NF4 base back
+    run_cli(capsys, *common, "--max-steps", "4", "--out", str(tmp_path / "cut"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000004")
+    run_cli(capsys, *common, "--out", str(tmp_path / "cut"), "--resume")
+    whole, resumed = _adapter_tensors(tmp_path / "whole"), _adapter_tensors(tmp_path / "cut")
+    assert whole.keys() == resumed.keys() and "score.weight" in whole
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+
+
+def test_bad_options_say_what_to_do(bases, tmp_path, capsys):
+    assert main(["finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--out", str(tmp_path)]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    assert main(["finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--epochs", "1",
+                 "--quantize", "nf4", "--out", str(tmp_path)]) == 2
+    assert "--lora-r" in capsys.readouterr().err
+    assert main(["finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--epochs", "1",
+                 "--trainable", "last-9", "--out", str(tmp_path)]) == 2
+    assert "only 2 blocks" in capsys.readouterr().err
