@@ -167,3 +167,66 @@ def test_bad_options_say_what_to_do(bases, tmp_path, capsys):
     assert main(["finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--epochs", "1",
                  "--trainable", "last-9", "--out", str(tmp_path)]) == 2
     assert "only 2 blocks" in capsys.readouterr().err
+
+
+def test_imported_bases_fine_tune_too(tmp_path, capsys):
+    """A Hugging Face GPT-2 folder (random, with GPT-2's vocabulary files) and a llama2.c
+    .bin (stories260K) are bases like our own folders."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128)).save_pretrained(hf)
+    shutil.copy(shared("gpt2/encoder.json"), hf / "vocab.json")
+    shutil.copy(shared("gpt2/vocab.bpe"), hf / "merges.txt")
+    llama2c = shared("weights/stories260K/stories260K.bin")
+    shutil.copy(llama2c, tmp_path / "stories260K.bin")
+    shutil.copy(shared("weights/stories260K/tok512.bin"), tmp_path / "tokenizer.bin")
+    for base in (hf, tmp_path / "stories260K.bin"):
+        out = tmp_path / f"spam-{base.stem}"
+        run_cli(capsys, "finetune", "classify", "--base", str(base), "--data", str(SMS), "--max-steps", "2", "--batch-size", "4",
+                "--lora-r", "2", "--max-length", "48", "--out", str(out))
+        assert lmforge.load(out).config.labels == ["ham", "spam"]
+    run_cli(capsys, "finetune", "instruct", "--base", str(hf), "--data", str(INSTRUCTIONS), "--max-steps", "2", "--batch-size", "2",
+            "--eval-batches", "1", "--out", str(tmp_path / "instruct-hf"))
+    assert lmforge.load(tmp_path / "instruct-hf").tokenizer.chat_template == "alpaca"
+
+
+def test_chat_template_travels_with_the_tokenizer_without_changing_ids(tmp_path):
+    from lmforge.tokenizer import Tokenizer
+
+    tok = train_bpe(["hello there, general kenobi"], 270, progress=False)
+    before = tok.fingerprint
+    tok.chat_template = "chat"
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.chat_template == "chat" and again.fingerprint == before
+    assert again.encode("hello there") == tok.encode("hello there")
+
+
+def test_engine_generates_from_adapted_and_4bit_models(bases):
+    """Greedy decoding through LoRA and NF4 layers equals the model's own argmax chain."""
+    from lmforge.engine import Engine
+    from lmforge.finetune.lora import LoRAConfig, apply_lora
+    from lmforge.finetune.nf4 import quantize_model
+    from lmforge.sampling import SamplingParams
+
+    model = lmforge.load(bases["llama"])
+    quantize_model(model)
+    apply_lora(model, LoRAConfig(r=2, targets=("all-linear",)))
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            torch.nn.init.normal_(layer.lora_b, std=0.5)  # adapters that change the output
+    ids = [5, 17, 42]
+    expected = list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            expected.append(int(model(torch.tensor([expected]))[0, -1].argmax()))
+    torch.set_num_threads(2)  # the prefetching path is taken with a spare core
+    try:
+        got = Engine(model, model.tokenizer).generate([ids], max_new_tokens=6, sampling=SamplingParams(temperature=0.0))[0].ids
+    finally:
+        torch.set_num_threads(1)
+    assert got == expected[3:]

@@ -14,6 +14,7 @@ from lmforge.train.loss import IGNORE_INDEX, linear_cross_entropy
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_matches_plain_cross_entropy_in_value_and_gradients(monkeypatch, rows_per_block, frozen_head):
     monkeypatch.setattr(loss_module, "BLOCK_ROWS", rows_per_block)
+    monkeypatch.setattr(loss_module, "FROZEN_HEAD_BLOCK_ROWS", rows_per_block)
     torch.manual_seed(0)
     h = torch.randn(37, 24, requires_grad=True)
     w = torch.randn(101, 24, requires_grad=not frozen_head)

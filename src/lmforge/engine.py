@@ -114,8 +114,8 @@ def relayout_for_decode(model: GPT) -> None:
     Batch 8 runs at the same speed either way.
     """
     for _, linear in model.named_linears():
-        w = linear.weight
-        if w.device.type == "cpu" and w.is_floating_point() and w.size(0) >= w.size(1) and w.is_contiguous():
+        w = linear.weight  # None for a 4-bit layer (lmforge.finetune.nf4), which dequantizes anyway
+        if w is not None and w.device.type == "cpu" and w.is_floating_point() and w.size(0) >= w.size(1) and w.is_contiguous():
             linear.weight.data = w.data.t().contiguous().t()
 
 
@@ -185,6 +185,8 @@ class Engine:
         if not (self.prefetch and cpu and batch == 1 and torch.get_num_threads() >= 2):
             return contextlib.nullcontext()
         linears = [linear for _, linear in self.model.named_linears()]
+        if any(linear.weight is None for linear in linears):  # 4-bit weights: dequantizing, not reading, is the cost
+            return contextlib.nullcontext()
         prefetcher = WeightPrefetcher(linears, tail=self._head_chunks())
 
         @contextlib.contextmanager

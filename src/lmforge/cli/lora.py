@@ -35,7 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from lmforge.finetune.lora import load_adapted, lora_layers, merge_lora, read_adapter_config
+    from lmforge.finetune.lora import (
+        load_adapted,
+        lora_layers,
+        merge_lora,
+        read_adapter_config,
+    )
     from lmforge.io import atomic_output_dir
     from lmforge.pretrained import save_pretrained
 

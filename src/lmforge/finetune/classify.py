@@ -110,6 +110,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
         data = {
             s: ClassificationBatches(splits[s], tokenizer, batch_size=cfg.batch_size * (info.world_size if s == "train" else 1),
                                      seed=cfg.seed, max_length=max_length, padding_side=cfg.padding_side,
+                                     pad_id=getattr(tokenizer, "eot_id", None) or 0,  # any id: the attention mask marks the pads
                                      drop_last=s == "train")
             for s in SPLITS
         }

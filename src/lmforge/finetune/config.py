@@ -56,8 +56,9 @@ class FinetuneConfig(TrainConfig):
             raise LmforgeError("say how long to train: --epochs N, --max-steps N or --time-limit SECONDS")
         # with --epochs the recipe sets max_steps once it has counted the examples
         TrainConfig.validate(dataclasses.replace(self, max_steps=self.max_steps or 1))
-        if not self.base and not self.from_scratch:
-            raise LmforgeError("say what to fine-tune: --base DIR (a model folder or a training run)")
+        if not self.base:
+            raise LmforgeError("say what to fine-tune: --base DIR (a model folder or a training run; "
+                               "with --from-scratch only its shape and tokenizer are used)")
         self.trainable_blocks()  # checks the spelling
         if self.lora_r < 0:
             raise LmforgeError(f"--lora-r must be positive (0: no LoRA), got {self.lora_r}")

@@ -153,6 +153,8 @@ class Trainer:
         cfg.validate()
         if (write_model is None) != (read_model is None):
             raise LmforgeError("give the trainer both write_model and read_model, or neither")
+        if write_model is not None and info.enabled and cfg.strategy == "fsdp":
+            raise LmforgeError("adapter runs (LoRA, QLoRA) train on one process or under DDP: use --strategy ddp")
         self.write_model, self.read_model = write_model, read_model
         if cfg.max_steps <= 0:
             raise LmforgeError("the trainer needs cfg.max_steps; the recipe derives it from --max-tokens")
@@ -207,7 +209,8 @@ class Trainer:
         model_state = ckpt.model_state
         if self.read_model is not None:
             self.read_model(path / "model")
-            model_state = full_state(self.wrapped, self.optimizer, self.info)[0]  # as it now is: restore the optimizer only
+            # the weights as they now are (base + the adapters just read), on every rank: restore the optimizer only
+            model_state = {k: v.detach().clone() for k, v in unwrap(self.wrapped).state_dict().items()}
         elif not model_state:
             raise LmforgeError(f"{path} holds adapters, not a whole model: resume it with the recipe that trained them")
         load_full_state(self.wrapped, self.optimizer, model_state, ckpt.optimizer_state, self.info)
