@@ -98,6 +98,10 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
         config_from_args(parser.parse_args([]), str(file))
     with pytest.raises(LmforgeError, match="--max-steps"):
         TrainConfig(data="d").validate()
+    # the run.json a run writes is a config file too: --config OUT/run.json --resume repeats the run
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(cfg.to_dict()))
+    assert config_from_args(parser.parse_args([]), str(saved)) == cfg
 
 
 # --- exact resume -----------------------------------------------------------------------

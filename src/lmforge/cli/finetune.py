@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         and metrics.json (loss and accuracy per split, before and after) into --out.
         """,
     )
-    _add_finetune_flags(c)
+    _add_finetune_flags(c, skip=("mask_prompt", "template"))
     i = add_command(
         group,
         "instruct",
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metrics.json (held-out response loss before and after) into --out.
         """,
     )
-    _add_finetune_flags(i)
+    _add_finetune_flags(i, skip=("text_field", "label_field", "padding_side", "from_scratch"))
     p = add_command(
         sub,
         "classify",
@@ -70,9 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("texts", nargs="+", help="texts to label")
 
 
-def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+def _add_finetune_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with the same keys as these flags")
-    add_flags(parser, skip=NOT_FOR_FINETUNING, cls=FinetuneConfig)
+    add_flags(parser, skip=NOT_FOR_FINETUNING + skip, cls=FinetuneConfig)
 
 
 def _finetune_classify(args: argparse.Namespace) -> int:
@@ -89,6 +89,7 @@ def _finetune_classify(args: argparse.Namespace) -> int:
     print(f"model:   {result.checkpoint}")
     print(f"metrics: {result.out / 'metrics.json'}")
     print(f"try:     lmforge classify --model {result.out} \"Congratulations, you won a free cruise! Reply YES\"")
+    _resume_hint(result.stopped, result.out, "classify")
     return 0
 
 
@@ -106,7 +107,13 @@ def _finetune_instruct(args: argparse.Namespace) -> int:
     print(f"responses: {result.responses}")
     print(f"metrics:   {result.out / 'metrics.json'}")
     print(f"try:       lmforge chat --model {result.out}")
+    _resume_hint(result.stopped, result.out, "instruct")
     return 0
+
+
+def _resume_hint(stopped: str, out: object, task: str) -> None:
+    if stopped != "done":
+        print(f"continue with: lmforge finetune {task} --config {out}/run.json --resume")
 
 
 def _classify(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ TRAINABLE_HELP = "all | last-N (the last N blocks, the final norm and the head) 
 class FinetuneConfig(TrainConfig):
     """A fine-tuning run. `data` is the task's file (SMS spam collection, CSV, JSON, JSONL)."""
 
+    data: str = ""  # the task's file: SMS spam collection / CSV / JSONL (classify), Alpaca or chat JSON / JSONL (instruct)
     base: str = ""  # model folder, training run, Hugging Face folder or llama2.c .bin to start from
     from_scratch: bool = False  # the base's shape and tokenizer, fresh random weights (the baseline)
     out: str = "runs/finetune"
@@ -36,18 +37,18 @@ class FinetuneConfig(TrainConfig):
     eval_batches: int = 0  # 0: the whole validation split
     sample_prompts: list[str] = field(default_factory=list)
     # which weights learn
-    trainable: str = "all"
-    lora_r: int = 0  # 0: no LoRA
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    trainable: str = "all"  # all | last-N (the last N blocks, the final norm and the head) | head
+    lora_r: int = 0  # adapter rank; 0: no LoRA
+    lora_alpha: float = 16.0  # adapter scale alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down, or all-linear
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     quantize: str = ""  # "nf4": the frozen base in 4 bits (QLoRA; needs --lora-r)
     # how examples become tokens
     max_length: int = 0  # tokens per example; 0: the model's context length
-    text_field: str = "text"
-    label_field: str = "label"
-    padding_side: str = "right"
+    text_field: str = "text"  # classification: the text's column or key (CSV, JSON)
+    label_field: str = "label"  # classification: the label's column or key
+    padding_side: str = "right"  # classification batches: right | left (both exact)
     mask_prompt: bool = True  # instruction tuning: learn the responses only
     template: str = "auto"  # instruction tuning: alpaca | chat | auto (from the data)
 

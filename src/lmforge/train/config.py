@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import json
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -92,15 +95,39 @@ class TrainConfig:
         return cls(**values)
 
 
-def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """The keys of a run file, checked later by `TrainConfig.from_dict`."""
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The keys of a run file, checked later by `TrainConfig.from_dict`: TOML, or the
+    `run.json` a run writes (so `--config OUT/run.json --resume` repeats a run)."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LmforgeError(f"config file {path} does not exist") from None
+    if path.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise LmforgeError(f"{path} holds no settings: expected a JSON object")
+        return values
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise LmforgeError(f"{path} is not valid TOML: {e}") from None
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in the class source (and its bases'), with the
+    default: the flags' help comes from the same line that defines the field."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for name, comment in re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(klass), re.MULTILINE):
+            helps[name] = comment.replace("%", "%%")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    return {k: f"{v} (default: {defaults[k]!r})" if defaults.get(k) not in (None, "") else v for k, v in helps.items()}
 
 
 def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), cls: type[TrainConfig] | None = None) -> None:
@@ -108,6 +135,7 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), cls: 
     None so that only flags actually given override."""
     cls = cls or TrainConfig
     types = typing.get_type_hints(cls)
+    helps = field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name == "model":
             continue
@@ -117,11 +145,11 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), cls: 
             parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="PATH",
                                 help="continue from the newest intact checkpoint in --out, or from PATH")
         elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="+", default=None, metavar="TEXT")
+            parser.add_argument(flag, nargs="+", default=None, metavar="TEXT", help=helps.get(f.name))
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.split("_")[-1].upper())
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.split("_")[-1].upper(), help=helps.get(f.name))
     if "model" not in skip:
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a model field of the preset, e.g. --set n_layer=4 (repeatable)")
@@ -137,7 +165,7 @@ def _parse_value(text: str) -> Any:
 def config_from_args(args: argparse.Namespace, config_file: str | None = None, cls: type[TrainConfig] | None = None) -> TrainConfig:
     """Defaults, then the TOML file, then the flags that were given."""
     cls = cls or TrainConfig
-    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     source = str(config_file) if config_file else "flags"
     for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
