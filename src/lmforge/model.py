@@ -280,14 +280,15 @@ class GPT(nn.Module):
         label logits (B, len(config.labels)) from each row's last real token.
         """
         B, T = idx.shape
-        if attention_mask is not None and pos is None and mask is None:
-            pos, mask = padding_positions_and_mask(attention_mask.bool())
         if pos is None:
             if T > self.config.context_length:
                 raise LmforgeError(
                     f"sequence of {T} tokens is longer than the model's context_length {self.config.context_length}; "
                     "truncate the input or use a shorter window"
                 )
+            if attention_mask is not None and mask is None:
+                pos, mask = padding_positions_and_mask(attention_mask.bool())
+        if pos is None:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
@@ -307,9 +308,8 @@ class GPT(nn.Module):
         if return_hidden:
             return x
         if targets is not None:
-            from lmforge.train.loss import (
-                head_loss,  # here, not at the top: train.loss imports this module
-            )
+            # imported here, not at the top: train.loss imports this module
+            from lmforge.train.loss import head_loss
 
             return head_loss(self.lm_head, x, targets)
         return self.lm_head(x).float()

@@ -12,16 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from lmforge import __version__
-from lmforge.cli import (
-    convert,
-    data,
-    estimate,
-    finetune,
-    generate,
-    lora,
-    pretrain,
-    tokenizer,
-)
+from lmforge.cli import convert, data, estimate, finetune, generate, lora, pretrain, tokenizer
 from lmforge.errors import LmforgeError
 
 STAGES = (tokenizer, data, estimate, pretrain, finetune, lora, generate, convert)

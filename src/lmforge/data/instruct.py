@@ -66,8 +66,8 @@ import torch
 from lmforge.data.labeled import EpochSampler, split_sizes
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.loss import IGNORE_INDEX  # the label the loss skips (-100, cross_entropy's default)
 
-IGNORE_INDEX = -100  # the label cross_entropy skips (its default ignore_index)
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

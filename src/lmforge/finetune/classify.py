@@ -18,20 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.labeled import (
-    ClassificationBatches,
-    balanced_split,
-    read_labeled,
-    save_split,
-)
+from lmforge.data.labeled import ClassificationBatches, balanced_split, read_labeled, save_split
 from lmforge.errors import LmforgeError
-from lmforge.finetune.base import (
-    checkpoint_hooks,
-    load_base,
-    set_trainable,
-    start_run,
-    steps_for,
-)
+from lmforge.finetune.base import checkpoint_hooks, load_base, set_trainable, start_run, steps_for
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT

@@ -19,21 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.instruct import (
-    IGNORE_INDEX,
-    InstructionBatches,
-    book_split,
-    read_instructions,
-    template_named,
-)
+from lmforge.data.instruct import IGNORE_INDEX, InstructionBatches, book_split, read_instructions, template_named
 from lmforge.engine import Engine, end_of_text_ids
-from lmforge.finetune.base import (
-    checkpoint_hooks,
-    load_base,
-    set_trainable,
-    start_run,
-    steps_for,
-)
+from lmforge.finetune.base import checkpoint_hooks, load_base, set_trainable, start_run, steps_for
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT

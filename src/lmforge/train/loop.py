@@ -31,24 +31,9 @@ from lmforge.engine import Engine
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.sampling import SamplingParams
-from lmforge.train.checkpoint import (
-    capture_rng,
-    find_resumable,
-    read_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from lmforge.train.checkpoint import capture_rng, find_resumable, read_checkpoint, restore_rng, save_checkpoint
 from lmforge.train.config import TrainConfig
-from lmforge.train.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    full_state,
-    load_full_state,
-    no_sync,
-    unwrap,
-    wrap_model,
-)
+from lmforge.train.distributed import DistInfo, all_reduce_mean, barrier, full_state, load_full_state, no_sync, unwrap, wrap_model
 from lmforge.train.loss import next_token_loss
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at
