@@ -181,6 +181,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     raise LmforgeError(f"{path} holds no model: expected config.json with {WEIGHTS} (ours or Hugging Face's)")
 
 
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The folder (or file) `load` reads for `path`: a training run resolves to its
+    newest intact checkpoint's model folder, which stays put when the run trains on."""
+    path = Path(path)
+    return _checkpoint_model_dir(path) or path
+
+
 def _checkpoint_model_dir(path: Path) -> Path | None:
     """The `model/` folder to load when `path` is a training run or a checkpoint, else None.
 

@@ -21,7 +21,7 @@ from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.lora import LoRAConfig, count_parameters
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT
-from lmforge.pretrained import load
+from lmforge.pretrained import load, resolve_model_path
 from lmforge.train.distributed import DistInfo
 
 
@@ -104,8 +104,9 @@ def checkpoint_hooks(model: GPT, cfg: FinetuneConfig, report: TrainableReport) -
         return {}
     from lmforge.finetune.lora import load_adapter, save_adapter
 
+    base = resolve_model_path(cfg.base)  # a run folder's newest checkpoint now, not whatever it holds later
     return {
-        "write_model": lambda folder: save_adapter(model, folder, cfg.base, report.lora, quantize=cfg.quantize or None),
+        "write_model": lambda folder: save_adapter(model, folder, base, report.lora, quantize=cfg.quantize or None),
         "read_model": lambda folder: load_adapter(model, folder),
     }
 
