@@ -35,6 +35,10 @@ class TrainableReport:
     def __str__(self) -> str:
         return f"trainable: {self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / max(self.total, 1):.2f}%), {self.how}"
 
+    def to_dict(self) -> dict:
+        """What metrics.json records."""
+        return {"parameters": self.trainable, "total": self.total, "how": self.how}
+
 
 def load_base(cfg: FinetuneConfig, labels: list[str] | None = None) -> GPT:
     """The base with its tokenizer; with `labels`, a fresh classification head for them
@@ -114,6 +118,16 @@ def checkpoint_hooks(model: GPT, cfg: FinetuneConfig, report: TrainableReport) -
 def steps_for(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
     """Optimizer steps: --max-steps, else --epochs over the training split."""
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch / cfg.grad_accum))
+
+
+def example_length(cfg: FinetuneConfig, model: GPT) -> int:
+    """Tokens per example: --max-length, never more than the model's context."""
+    return min(cfg.max_length or model.config.context_length, model.config.context_length)
+
+
+def rank_rows(cfg: FinetuneConfig, info: DistInfo) -> slice:
+    """This process's rows of a global training batch of batch_size x world_size."""
+    return slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)
 
 
 def start_run(cfg: FinetuneConfig, info: DistInfo) -> None:

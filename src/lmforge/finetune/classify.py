@@ -10,6 +10,7 @@ on every split before and after training into `metrics.json`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from lmforge.data.labeled import ClassificationBatches, balanced_split, read_labeled, save_split
 from lmforge.errors import LmforgeError
-from lmforge.finetune.base import checkpoint_hooks, load_base, set_trainable, start_run, steps_for
+from lmforge.finetune.base import checkpoint_hooks, example_length, load_base, rank_rows, set_trainable, start_run, steps_for
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT
@@ -95,7 +96,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
         say(f"data: {len(examples):,} examples, labels {labels}; balanced split: {counts}")
         model = load_base(cfg, labels)
         tokenizer = model.tokenizer
-        max_length = min(cfg.max_length or model.config.context_length, model.config.context_length)
+        max_length = example_length(cfg, model)
         data = {
             s: ClassificationBatches(splits[s], tokenizer, batch_size=cfg.batch_size * (info.world_size if s == "train" else 1),
                                      seed=cfg.seed, max_length=max_length, padding_side=cfg.padding_side,
@@ -115,15 +116,11 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
 
         def batch(draw: int, micro: int) -> tuple[dict, torch.Tensor]:
             x, y = as_inputs(data["train"].batch(draw * cfg.grad_accum + micro))
-            rows = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)  # this rank's share
+            rows = rank_rows(cfg, info)
             return {k: v[rows] for k, v in x.items()}, y[rows]
 
         def eval_batches() -> Iterable[tuple[dict, torch.Tensor]]:
-            limit = cfg.eval_batches or None
-            for i, b in enumerate(data["val"].iter_eval(EVAL_BATCH)):
-                if limit is not None and i >= limit:
-                    break
-                yield as_inputs(b)
+            return map(as_inputs, itertools.islice(data["val"].iter_eval(EVAL_BATCH), cfg.eval_batches or None))
 
         trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer,
                           loss_fn=classification_loss, say=say, progress=progress, **checkpoint_hooks(model, cfg, report))
@@ -138,7 +135,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             "base": cfg.base,
             "from_scratch": cfg.from_scratch,
             "labels": labels,
-            "trainable": {"parameters": report.trainable, "total": report.total, "how": report.how},
+            "trainable": report.to_dict(),
             "steps": result.step,
             "splits": {s: {"examples": after[s]["examples"], **({"before": _strip(before[s])} if before else {}),
                            "after": _strip(after[s])} for s in SPLITS},

@@ -12,6 +12,7 @@ model in the format it learned. After training the held-out prompts are answered
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from lmforge.data.instruct import IGNORE_INDEX, InstructionBatches, book_split, read_instructions, template_named
 from lmforge.engine import Engine, end_of_text_ids
-from lmforge.finetune.base import checkpoint_hooks, load_base, set_trainable, start_run, steps_for
+from lmforge.finetune.base import checkpoint_hooks, example_length, load_base, rank_rows, set_trainable, start_run, steps_for
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT
@@ -106,7 +107,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
         model = load_base(cfg)
         tokenizer = model.tokenizer
         tokenizer.chat_template = name  # saved with every checkpoint: chat uses the format the model learned
-        max_length = min(cfg.max_length or model.config.context_length, model.config.context_length)
+        max_length = example_length(cfg, model)
         data = {
             s: InstructionBatches(splits[s], tokenizer, batch_size=cfg.batch_size * (info.world_size if s == "train" else 1),
                                   seed=cfg.seed, template=template_named(name), mask_prompt=cfg.mask_prompt,
@@ -126,14 +127,11 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
 
         def batch(draw: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
             x, y = data["train"].batch(draw * cfg.grad_accum + micro)
-            rows = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)  # this rank's share
+            rows = rank_rows(cfg, info)
             return x[rows], y[rows]
 
         def eval_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-            for i, b in enumerate(data["val"].iter_eval(EVAL_BATCH)):
-                if cfg.eval_batches and i >= cfg.eval_batches:
-                    break
-                yield b
+            return itertools.islice(data["val"].iter_eval(EVAL_BATCH), cfg.eval_batches or None)
 
         trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer, say=say,
                           progress=progress, **checkpoint_hooks(model, cfg, report))
@@ -152,7 +150,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             "base": cfg.base,
             "template": name,
             "mask_prompt": cfg.mask_prompt,
-            "trainable": {"parameters": report.trainable, "total": report.total, "how": report.how},
+            "trainable": report.to_dict(),
             "steps": result.step,
             "splits": {s: {"examples": len(data[s]), **({"before": before[s]} if before else {}), "after": after[s]} for s in SPLITS},
         }

@@ -379,7 +379,7 @@ def _copy_tree(obj, live: set[int]):
 def load_full_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     optimizer_state: dict | None,
     info: DistInfo,
 ) -> None:
@@ -391,21 +391,27 @@ def load_full_state(
     every rank alike (so all ranks fail together instead of one hanging the rest):
     with full state dicts, `set_state_dict` itself would silently keep the current
     value of a missing key. The caller's dicts are not modified. `optimizer` or
-    `optimizer_state` None loads the weights only.
+    `optimizer_state` None loads the weights only; `model_state` None the optimizer only
+    (the weights already in place).
     """
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
+        set_optimizer_state_dict,
         set_state_dict,
     )
 
     inner = unwrap(model)
+    options = _options(broadcast_from_rank0=False)
+    if model_state is None:  # the weights are in place already (an adapter run read its adapters): the optimizer only
+        _check_optimizer_state(inner, optimizer, optimizer_state)
+        set_optimizer_state_dict(model, optimizer, _copy_structure(optimizer_state), options=options)
+        return
     model_state = dict(model_state)
     for alias, source in _alias_sources(inner).items():
         if alias not in model_state and source in model_state:
             model_state[alias] = model_state[source]
     _check_model_state(inner, model_state)
     # broadcast_from_rank0=False: every rank passes the full dicts it read from disk
-    options = _options(broadcast_from_rank0=False)
     if optimizer is None or optimizer_state is None:
         set_model_state_dict(model, model_state, options=options)
         return

@@ -194,8 +194,7 @@ class Trainer:
         model_state = ckpt.model_state
         if self.read_model is not None:
             self.read_model(path / "model")
-            # the weights as they now are (base + the adapters just read), on every rank: restore the optimizer only
-            model_state = {k: v.detach().clone() for k, v in unwrap(self.wrapped).state_dict().items()}
+            model_state = None  # the weights are in place: restore the optimizer only
         elif not model_state:
             raise LmforgeError(f"{path} holds adapters, not a whole model: resume it with the recipe that trained them")
         load_full_state(self.wrapped, self.optimizer, model_state, ckpt.optimizer_state, self.info)
