@@ -10,7 +10,7 @@ gradients and AdamW moments. This measures how big that fraction is here, on the
   frozen in fp32;
 - QLoRA: the blocks' linear layers in NF4 with double quantization
   (`lmforge.finetune.nf4.quantize_model`), then the same LoRA; the embeddings (and so
-  the tied head), norms and biases stay fp32, as in `lmforge.finetune.base.set_trainable`.
+  the tied head), norms and biases stay fp32, as in `lmforge.recipes.common.set_trainable`.
 
 Each runs with gradient checkpointing off and on. A run is `--steps` real training
 steps on random token ids: `next_token_loss` (the head and the cross-entropy fused, a
@@ -44,15 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from _common import print_table
-from bench_memory import PINNED_MMAP, _reset_hwm, _status_kib
+from _common import PINNED_MMAP, allocator_peaks, args_or_child, print_table, reset_hwm, run_child, status_kib
 
 from lmforge.config import Config
 
@@ -120,47 +117,26 @@ def _measure_rss(config: Config, method: str, checkpointing: bool, batch: int, c
     warm = config.replace(n_layer=1, vocab_size=256, context_length=16)
     _train(_prepare(warm, method, checkpointing)[0], warm, 1, 16, 1)
     gc.collect()
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     model, info = _prepare(config, method, checkpointing)
     gc.collect()
-    ready = _status_kib("VmRSS")
-    reset = _reset_hwm()  # from here on: the training steps' high-water mark, not the dense model QLoRA starts from
+    ready = status_kib("VmRSS")
+    reset = reset_hwm()  # from here on: the training steps' high-water mark, not the dense model QLoRA starts from
     times = _train(model, config, batch, context, steps)
     step = statistics.median(times[1:] or times)
-    return {**info, "rss_peak": (_status_kib("VmHWM") - baseline) * 1024, "rss_ready": (ready - baseline) * 1024, "hwm_reset": reset, "step_s": step}
+    return {**info, "rss_peak": (status_kib("VmHWM") - baseline) * 1024, "rss_ready": (ready - baseline) * 1024, "hwm_reset": reset, "step_s": step}
 
 
 def _measure_tensors(config: Config, method: str, checkpointing: bool, batch: int, context: int, steps: int) -> dict[str, object]:
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model, info = _prepare(config, method, checkpointing)
         with record_function(MARK):
             _train(model, config, batch, context, steps)
-    events: list[tuple[int, int]] = []
-    start = None
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # negative for a free
-        elif node.tag == _EventType.TorchOp and node.name == MARK:
-            start = node.start_time_ns
-        stack.extend(node.children)
-    if start is None:
-        raise RuntimeError(f"the profiler recorded no {MARK} range")
-    live = build_peak = 0
-    train_peak = None
-    for t, size in sorted(events):
-        if t >= start and train_peak is None:
-            train_peak = live  # what is live when training starts: the model, its inputs
-        live += size
-        if train_peak is None:
-            build_peak = max(build_peak, live)
-        else:
-            train_peak = max(train_peak, live)
-    return {**info, "tensor_peak": train_peak or 0, "build_peak": build_peak}
+    # the training steps' peak counts from what is live when they start: the model, its inputs
+    build_peak, train_peak = allocator_peaks(prof, MARK)
+    return {**info, "tensor_peak": train_peak, "build_peak": build_peak}
 
 
 def _child(spec: str) -> None:
@@ -172,13 +148,7 @@ def _child(spec: str) -> None:
 
 def measure(spec: dict[str, object], env: dict[str, str] | None = None) -> dict[str, object]:
     """One measurement (`spec["measure"]` "tensors" or "rss") in a fresh interpreter."""
-    text = json.dumps(spec)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", text], capture_output=True, text=True, timeout=3600, check=False, env={**os.environ, **(env or {})}
-    )
-    if proc.returncode:
-        raise RuntimeError(f"measurement {text} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, spec, env, timeout=3600)
 
 
 # --- the parent: the table ----------------------------------------------------------------------
@@ -189,10 +159,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (>= 2 to include the steady state)")
     parser.add_argument("--pin-mmap", action="store_true", help="run the RSS measurements with MALLOC_MMAP_THRESHOLD_=131072")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        _child(args.child)
+    args = args_or_child(parser, _child)
+    if args is None:
         return
 
     env = PINNED_MMAP if args.pin_mmap else None

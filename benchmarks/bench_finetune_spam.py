@@ -26,8 +26,8 @@ from pathlib import Path
 
 from _common import SHARED, print_table
 
-from lmforge.finetune import classify
-from lmforge.finetune.config import FinetuneConfig
+from lmforge.recipes import classify
+from lmforge.recipes.config import FinetuneConfig
 
 # lr per way: a random start and a frozen base with small adapters take larger steps
 WAYS = {

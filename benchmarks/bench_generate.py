@@ -5,7 +5,7 @@ For each preset: prefill tokens/s, decode tokens/s at batch 1 (128 new tokens af
 ours without it (the reference loop), and `transformers` `generate` with its cache.
 The greedy tokens must be identical. Two more rows take apart what makes one-row
 decoding fast: the wide weights re-laid out as contiguous (in, out) matrices, then a
-second core prefetching the next weights into the shared cache (`lmforge.prefetch`),
+second core prefetching the next weights into the shared cache (`lmforge.engine.prefetch`),
 which together make lmforge's batch-1 figure. The bandwidth ceiling is what decode at batch 1
 could reach if it did nothing but stream every weight once per token.
 
@@ -22,11 +22,10 @@ import torch
 from _common import best_of, print_table
 
 from lmforge.config import Config
-from lmforge.engine import Engine, generate_uncached
+from lmforge.engine import Engine, SamplingParams, generate_uncached
 from lmforge.interop.hf import config_to_hf, state_dict_to_hf
 from lmforge.model import GPT
-from lmforge.pretrained import state_dict_for_saving
-from lmforge.sampling import SamplingParams
+from lmforge.weights import state_dict_for_saving
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT, NEW = 32, 128
@@ -83,7 +82,7 @@ def main() -> None:
             same = ours_generate(prompts) == hf_generate(prompts) and ours_generate(prompts[:1]) == hf_generate(prompts[:1])
             same = same and generate_uncached(ours, prompts[0].tolist(), 16)[0] == ours_generate(prompts[:1])[0][:16]
             t = best_of(
-                {"ours": lambda: ours(long, return_hidden=True), "hf": lambda: hf.model(long) if hasattr(hf, "model") else hf.transformer(long)},
+                {"ours": lambda: ours.hidden_states(long), "hf": lambda: hf.model(long) if hasattr(hf, "model") else hf.transformer(long)},
                 args.repeat,
             )
             rows.append([f"{preset}: prefill {long.size(1)} tokens", long.size(1) / t["ours"], "", long.size(1) / t["hf"], t["hf"] / t["ours"], ""])

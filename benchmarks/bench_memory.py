@@ -1,9 +1,11 @@
 """Training-memory estimate vs the measured peak of a real step, with and without checkpointing.
 
-For each config, one fp32 training step (forward, cross-entropy, backward, AdamW step,
-zero_grad) is run twice -- the first allocates AdamW's moments, the second is the steady
-state -- each measurement in a fresh subprocess, so that nothing one run allocated or
-cached is left for the next. Two measurements:
+For each config, one fp32 training step as the trainer takes it (`next_token_loss`, i.e.
+`model(x, y)`: the head and the cross-entropy fused, a block of rows at a time; backward;
+the fused AdamW of `build_optimizer`; zero_grad(set_to_none=True)) is run twice -- the
+first allocates AdamW's moments, the second is the steady state -- each measurement in
+a fresh subprocess, so that nothing one run allocated or cached is left for the next.
+Two measurements:
 
 - tensor peak: the CPU allocator reports every allocation and free to the PyTorch
   profiler (`profile_memory=True`); the running sum of those events from model
@@ -28,11 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 
-from _common import print_table
+from _common import PINNED_MMAP, allocator_peaks, args_or_child, print_table, reset_hwm, run_child, status_kib
 
 from lmforge.config import Config
 from lmforge.estimate import training_memory
@@ -53,40 +52,23 @@ QUICK_CASES = [
 # --- the child: one measurement in a fresh process --------------------------------------------
 def _train_steps(config: Config, batch: int, context: int, checkpointing: bool, steps: int = 2) -> None:
     import torch
-    import torch.nn.functional as F
 
     from lmforge.model import GPT
+    from lmforge.train.loss import next_token_loss
+    from lmforge.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = GPT(config).train()
     model.gradient_checkpointing = checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     x = torch.randint(config.vocab_size, (batch, context))
     y = torch.randint(config.vocab_size, (batch, context))
     for _ in range(steps):
-        loss = F.cross_entropy(model(x).view(-1, config.vocab_size), y.view(-1))
+        loss = next_token_loss(model, x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         del loss
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _measure_rss(config: Config, batch: int, context: int, checkpointing: bool) -> dict[str, object]:
@@ -94,30 +76,18 @@ def _measure_rss(config: Config, batch: int, context: int, checkpointing: bool) 
 
     _train_steps(config.replace(n_layer=1, vocab_size=256, context_length=16), 1, 16, checkpointing, steps=1)  # warm-up
     gc.collect()
-    baseline = _status_kib("VmRSS")
-    reset = _reset_hwm()
+    baseline = status_kib("VmRSS")
+    reset = reset_hwm()
     _train_steps(config, batch, context, checkpointing)
-    return {"rss_peak": (_status_kib("VmHWM") - baseline) * 1024, "hwm_reset": reset}
+    return {"rss_peak": (status_kib("VmHWM") - baseline) * 1024, "hwm_reset": reset}
 
 
 def _measure_tensors(config: Config, batch: int, context: int, checkpointing: bool) -> dict[str, object]:
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _train_steps(config, batch, context, checkpointing)
-    events: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # negative for a free
-        stack.extend(node.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return {"tensor_peak": peak}
+    return {"tensor_peak": allocator_peaks(prof)[1]}
 
 
 def _child(spec: str) -> None:
@@ -127,28 +97,18 @@ def _child(spec: str) -> None:
     print(json.dumps(measure(config, s["batch"], s["context"], s["checkpointing"])))
 
 
-PINNED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: every block >= 128 KiB is mmapped, and unmapped on free
-
-
 def measure(preset: str, overrides: dict, batch: int, context: int, checkpointing: bool, method: str, env: dict[str, str] | None = None) -> dict[str, object]:
     """One measurement in a fresh interpreter (`method` "tensors" or "rss")."""
-    spec = json.dumps({"preset": preset, "overrides": overrides, "batch": batch, "context": context, "checkpointing": checkpointing, "method": method})
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", spec], capture_output=True, text=True, timeout=1800, check=False, env={**os.environ, **(env or {})}
-    )
-    if proc.returncode:
-        raise RuntimeError(f"measurement {spec} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    spec = {"preset": preset, "overrides": overrides, "batch": batch, "context": context, "checkpointing": checkpointing, "method": method}
+    return run_child(__file__, spec, env)
 
 
 # --- the parent: the table ----------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller batches and contexts")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        _child(args.child)
+    args = args_or_child(parser, _child)
+    if args is None:
         return
 
     rows, notes = [], set()

@@ -38,8 +38,8 @@ from _common import SHARED, print_table
 from lmforge.data.prepare import prepare
 from lmforge.data.tokens import TokenData
 from lmforge.data.windows import RandomWindows
+from lmforge.recipes import pretrain
 from lmforge.tokenizer.train import train_bpe
-from lmforge.train import pretrain
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import init_distributed
 from lmforge.train.optim import lr_at

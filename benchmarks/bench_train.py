@@ -45,8 +45,8 @@ from _common import best_of, print_table
 from lmforge.config import Config
 from lmforge.interop.hf import config_to_hf, state_dict_to_hf
 from lmforge.model import GPT
-from lmforge.pretrained import state_dict_for_saving
 from lmforge.train.loss import next_token_loss
+from lmforge.weights import state_dict_for_saving
 
 SHAPES = {
     "gpt2": dict(preset="gpt2", batch=4, context=256, vocab=50257),

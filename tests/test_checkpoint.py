@@ -13,13 +13,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from fs_faults import break_dir_renames
 
 import lmforge
+import lmforge.io
 from lmforge import LmforgeError
 from lmforge.config import Config
 from lmforge.model import GPT
-from lmforge.pretrained import WEIGHTS, state_dict_for_saving
-from lmforge.train import checkpoint as ck
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -31,6 +31,7 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from lmforge.weights import WEIGHTS, state_dict_for_saving
 
 
 def tiny_config() -> Config:
@@ -359,17 +360,8 @@ def test_a_crash_while_replacing_a_step_without_atomic_swap_is_repaired(tmp_path
     model = GPT(tiny_config())
     run = tmp_path / "run"
     old = save(run, 1, model, trainer_state={"v": "old"})
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
-    real_replace, calls = os.replace, []
-
-    def crash_on_second_dir_rename(src, dst):
-        if os.path.isdir(src):
-            calls.append(src)
-            if len(calls) == 2:
-                raise OSError("simulated crash")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_second_dir_rename)
+    real_replace = os.replace
+    break_dir_renames(monkeypatch, from_call=2, crash=True)
     with pytest.raises(OSError, match="simulated crash"):
         save(run, 1, model, trainer_state={"v": "new"})
     monkeypatch.setattr(os, "replace", real_replace)
@@ -381,3 +373,21 @@ def test_a_crash_while_replacing_a_step_without_atomic_swap_is_repaired(tmp_path
     save(run, 1, model, trainer_state={"v": "new"})
     assert read_checkpoint(old).trainer_state == {"v": "new"}
     assert not [p for p in (run / CHECKPOINTS).iterdir() if p.name.startswith(".")]
+
+
+def test_leftovers_named_by_earlier_versions_are_repaired(tmp_path):
+    """A run folder whose saves were interrupted under the earlier checkpoint code (its own
+    swap, `mkdtemp` temp names) is repaired by the next save like any other."""
+    model = GPT(tiny_config())
+    run = tmp_path / "run"
+    one, two = (save(run, s, model, trainer_state={"v": s}, keep_last=0) for s in (1, 2))
+    ckdir = run / CHECKPOINTS
+    os.replace(one, ckdir / ".step-00000001.old-4242-0badf00d")  # killed mid-replace: the new one never landed
+    shutil.copytree(two, ckdir / ".step-00000002.old-4242-deadbeef")  # killed after the new one landed
+    shutil.copytree(two, ckdir / ".step-00000003.tmp-k3j_x9a1")  # killed mid-write
+    shutil.copytree(two, ckdir / ".step-00000002.del-4242-0000abcd")  # killed mid-delete
+    assert list_checkpoints(run) == [two]
+    save(run, 4, model, keep_last=0)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002", "step-00000004"]
+    assert read_checkpoint(one).trainer_state == {"v": 1}
+    assert not [p for p in ckdir.iterdir() if p.name.startswith(".")]

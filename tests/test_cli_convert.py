@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import shared
-from lmforge.pretrained import load
+
+from lmforge.loading import load
 
 
 def lmforge(*args: str) -> subprocess.CompletedProcess:

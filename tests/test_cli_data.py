@@ -9,13 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_fixtures import (
-    SHARED,
-    expected_tokens,
-    small_tokenizer,
-    write_jsonl,
-    write_texts,
-)
+from data_fixtures import SHARED, expected_tokens, small_tokenizer, write_jsonl, write_texts
 
 import lmforge.corpus
 from lmforge.cli import main

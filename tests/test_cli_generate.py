@@ -11,9 +11,10 @@ import torch
 
 from lmforge.config import Config
 from lmforge.engine import Engine, generate_uncached
+from lmforge.engine.sampling import SamplingParams
+from lmforge.loading import load
 from lmforge.model import GPT
-from lmforge.pretrained import load, save_pretrained
-from lmforge.sampling import SamplingParams
+from lmforge.weights import save_pretrained
 
 
 def lmforge(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:

@@ -11,20 +11,11 @@ from conftest import shared
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmforge.data.instruct import (
-    IGNORE_INDEX,
-    AlpacaTemplate,
-    ChatTemplate,
-    InstructionBatches,
-    book_split,
-    encode_example,
-    encode_segments,
-    format_alpaca,
-    read_instructions,
-)
+from lmforge.data.instruct import IGNORE_INDEX, InstructionBatches, book_split, encode_example, encode_segments, read_instructions
 from lmforge.errors import LmforgeError
 from lmforge.serve.chat import ChatSession
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.templates import AlpacaTemplate, ChatTemplate, format_alpaca, session_messages
 
 BOOK_DATA = "llms-from-scratch/instruction-data.json"
 
@@ -90,7 +81,7 @@ def test_alpaca_text_equals_the_books_with_and_without_input(book_items):
     assert "\n\n### Input:\nfreind --> friend\n\n### Response:\n" in format_alpaca(with_input)[0]
     # the chat form of an Alpaca model: the first turn's prompt is exactly the training prompt
     t = AlpacaTemplate()
-    assert t.render(None, [], without["instruction"]) == format_alpaca(without)[0]
+    assert t.render(session_messages(None, [], without["instruction"]), True) == format_alpaca(without)[0]
     assert t.item_segments(with_input) == [format_alpaca(with_input)]
 
 
@@ -178,7 +169,7 @@ def test_chat_template_text_and_segments_by_hand(bytes_tok):
     ]
     assert t.render(messages, False) == "<|system|>\nS\n<|user|>\nU\n<|assistant|>\nA\n<|user|>\nV\n<|assistant|>\nB"
     assert t.render(messages[:4], True) == "<|system|>\nS\n<|user|>\nU\n<|assistant|>\nA\n<|user|>\nV\n<|assistant|>\n"
-    assert t.render("S", [("U", "A")], "V") == t.render(messages[:4], True)  # ChatSession's call
+    assert t.render(session_messages("S", [("U", "A")], "V"), True) == t.render(messages[:4], True)  # ChatSession's state
     assert t.segments(messages) == [("<|system|>\nS\n<|user|>\nU\n<|assistant|>\n", "A"), ("\n<|user|>\nV\n<|assistant|>\n", "B")]
     _, y = encode_segments(bytes_tok, t.segments(messages))
     learned = [(i, label) for i, label in enumerate(y) if label != IGNORE_INDEX]
@@ -186,7 +177,7 @@ def test_chat_template_text_and_segments_by_hand(bytes_tok):
     second = first_reply + 1 + len("\n<|user|>\nV\n<|assistant|>\n")
     assert learned == [(first_reply - 1, ord("A")), (second - 1, ord("B")), (second, 256)]
     a = AlpacaTemplate()
-    assert a.render("Be brief.", [("Hi", "Hello")], "Bye") == (
+    assert a.render(session_messages("Be brief.", [("Hi", "Hello")], "Bye"), True) == (
         "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello\n\n### Instruction:\nBye\n\n### Response:\n"
     )
     assert t.item_segments({"instruction": "Add", "input": "1 1", "output": "2"}) == [("<|user|>\nAdd\n\n1 1\n<|assistant|>\n", "2")]

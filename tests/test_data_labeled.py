@@ -12,16 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmforge.config import Config
-from lmforge.data.labeled import (
-    ClassificationBatches,
-    EpochSampler,
-    Example,
-    balanced_split,
-    pad_rows,
-    read_labeled,
-    save_split,
-    split_sizes,
-)
+from lmforge.data.batches import EpochSampler
+from lmforge.data.labeled import ClassificationBatches, Example, balanced_split, pad_rows, read_labeled, save_split, split_sizes
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT, last_real_index
 from lmforge.tokenizer import Tokenizer

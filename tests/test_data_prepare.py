@@ -11,15 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import (
-    SHARED,
-    expected_tokens,
-    ids,
-    joined,
-    small_tokenizer,
-    write_jsonl,
-    write_texts,
-)
+from data_fixtures import SHARED, expected_tokens, ids, joined, small_tokenizer, write_jsonl, write_texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

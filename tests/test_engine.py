@@ -8,8 +8,8 @@ import torch
 from lmforge import LmforgeError
 from lmforge.config import Config
 from lmforge.engine import Engine, generate_uncached, relayout_for_decode
+from lmforge.engine.sampling import SamplingParams, filter_logits, sample
 from lmforge.model import GPT
-from lmforge.sampling import SamplingParams, filter_logits, sample
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -59,8 +59,8 @@ def test_relayout_changes_strides_only(model):
 def test_head_paths_agree_across_batch_sizes(model):
     engine = Engine(model)
     hidden = torch.randn(5, model.config.n_embd)
-    one_by_one = torch.cat([engine._logits(h[None]) for h in hidden])
-    together = engine._logits(hidden)
+    one_by_one = torch.cat([engine.cpu.logits(h[None]) for h in hidden])
+    together = engine.cpu.logits(hidden)
     expected = model.lm_head(hidden)
     assert (one_by_one - expected).abs().max().item() <= 1e-4
     assert (together - expected).abs().max().item() <= 1e-4

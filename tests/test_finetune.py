@@ -18,8 +18,8 @@ from lmforge.data.instruct import book_split, read_instructions
 from lmforge.finetune.lora import LoRALinear
 from lmforge.finetune.nf4 import Linear4bit
 from lmforge.model import GPT
-from lmforge.pretrained import save_pretrained
 from lmforge.tokenizer import train_bpe
+from lmforge.weights import save_pretrained
 
 SMS = shared("sms_spam/SMSSpamCollection")
 INSTRUCTIONS = shared("llms-from-scratch/instruction-data.json")
@@ -54,24 +54,24 @@ def test_head_reads_the_last_real_token_with_either_padding(preset):
     torch.manual_seed(0)
     model = GPT(Config.from_name(preset, vocab_size=50, context_length=16, n_layer=2, labels=["a", "b", "c"])).eval()
     rows = [torch.randint(0, 50, (n,)) for n in (9, 4, 1)]
-    alone = torch.cat([model(r[None], classify=True) for r in rows])
+    alone = torch.cat([model(r[None]) for r in rows])
     for side in ("right", "left"):
         ids = torch.full((3, 9), 7)
         mask = torch.zeros(3, 9, dtype=torch.long)
         for b, r in enumerate(rows):
             where = slice(0, len(r)) if side == "right" else slice(9 - len(r), 9)
             ids[b, where], mask[b, where] = r, 1
-        torch.testing.assert_close(model(ids, attention_mask=mask, classify=True), alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids, attention_mask=mask), alone, rtol=0, atol=1e-5)
         # the pad id's value must not matter: the mask alone says what is padding
         ids[mask == 0] = 3
-        torch.testing.assert_close(model(ids, attention_mask=mask, classify=True), alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids, attention_mask=mask), alone, rtol=0, atol=1e-5)
 
 
 def test_left_padding_keeps_gradients_finite():
     torch.manual_seed(0)
     model = GPT(Config.from_name("nano", vocab_size=50, context_length=16, n_layer=1, labels=["a", "b"]))
     mask = torch.tensor([[0, 0, 0, 1], [1, 1, 1, 1]])
-    model(torch.randint(0, 50, (2, 4)), attention_mask=mask, classify=True).sum().backward()
+    model(torch.randint(0, 50, (2, 4)), attention_mask=mask).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -209,9 +209,9 @@ def test_chat_template_travels_with_the_tokenizer_without_changing_ids(tmp_path)
 def test_engine_generates_from_adapted_and_4bit_models(bases):
     """Greedy decoding through LoRA and NF4 layers equals the model's own argmax chain."""
     from lmforge.engine import Engine
+    from lmforge.engine.sampling import SamplingParams
     from lmforge.finetune.lora import LoRAConfig, apply_lora
     from lmforge.finetune.nf4 import quantize_model
-    from lmforge.sampling import SamplingParams
 
     model = lmforge.load(bases["llama"])
     quantize_model(model)

@@ -15,30 +15,16 @@ import pytest
 import torch
 from conftest import shared
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lmforge.config import Config
 from lmforge.engine import Engine
+from lmforge.engine.sampling import SamplingParams
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import (
-    GPT4_PATTERN_ONIG,
-    config_from_hf,
-    config_to_hf,
-    load_hf,
-    save_hf,
-    tokenizer_from_hf_json,
-)
+from lmforge.interop.hf import config_from_hf, config_to_hf, load_hf, save_hf
+from lmforge.interop.hf_tokenizer import GPT4_PATTERN_ONIG, tokenizer_from_hf_json
+from lmforge.loading import load  # the public entry point: ours, Hugging Face or llama2.c
 from lmforge.model import GPT
-from lmforge.pretrained import (
-    load,  # the public entry point: ours, Hugging Face or llama2.c
-)
-from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer
 
 TOL = 1e-4

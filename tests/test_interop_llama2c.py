@@ -21,10 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge.engine import Engine, generate_uncached
+from lmforge.engine.sampling import SamplingParams
 from lmforge.errors import LmforgeError
-from lmforge.interop.llama2c import Llama2cTokenizer, load_llama2c
-from lmforge.pretrained import load, save_pretrained
-from lmforge.sampling import SamplingParams
+from lmforge.interop.llama2c import load_llama2c
+from lmforge.loading import load
+from lmforge.tokenizer.llama2c import Llama2cTokenizer
+from lmforge.weights import save_pretrained
 
 GREEDY = SamplingParams(temperature=0)
 BOS, EOS = 1, 2

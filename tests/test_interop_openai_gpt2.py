@@ -20,11 +20,7 @@ from safetensors.numpy import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmforge.errors import LmforgeError
-from lmforge.interop.openai_gpt2 import (
-    expected_shapes,
-    from_openai_tensors,
-    load_openai_gpt2,
-)
+from lmforge.interop.openai_gpt2 import expected_shapes, from_openai_tensors, load_openai_gpt2
 
 HPARAMS = {"n_vocab": 300, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
 

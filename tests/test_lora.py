@@ -23,27 +23,23 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
+from lmforge.finetune.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir, load_adapter, save_adapter
 from lmforge.finetune.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     LoRAConfig,
     LoRALinear,
     adapter_state_dict,
     adapters_disabled,
     apply_lora,
-    is_adapter_dir,
-    load_adapted,
-    load_adapter,
     lora_class_for,
     lora_layers,
     merge_lora,
     register_lora_class,
     resolve_targets,
-    save_adapter,
 )
+from lmforge.loading import load, load_adapted
 from lmforge.model import GPT
-from lmforge.pretrained import load, save_pretrained
 from lmforge.tokenizer import train_bpe
+from lmforge.weights import save_pretrained
 
 VOCAB = 300
 TOL = 1e-5
@@ -540,7 +536,7 @@ def test_lora_over_an_nf4_base_round_trips_and_merges_into_the_dense_base(tmp_pa
     assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["quantize"] == "nf4"
     assert torch.equal(logits(load_adapted(tmp_path / "adapter")), adapted), "the recorded NF4 base is rebuilt exactly"
 
-    dense = load_adapted(tmp_path / "adapter", quantize=False)
+    dense = load_adapted(tmp_path / "adapter", dense_base=True)
     assert not any(isinstance(m, Linear4bit) for m in dense.modules())
     dense_adapted = logits(dense)
     assert run_cli("lora", "merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")) == 0
@@ -564,14 +560,14 @@ def test_a_classifier_adapter_carries_its_head(tmp_path):
     assert report.trainable == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) + 3 * model.config.n_embd
     perturb_adapters(model)
     x = ids(9)
-    scores = model(x, classify=True)
+    scores = model(x)
     save_adapter(model, tmp_path / "adapter", base=base_dir, cfg=cfg)
     assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["trainable"] == ["score.weight"]
     with pytest.raises(LmforgeError, match=r"labels=\['neg', 'neutral', 'pos'\] \(adapter\) vs \[\]"):
         load_adapter(load(base_dir), tmp_path / "adapter")
     again = load_adapted(tmp_path / "adapter")
-    assert again.config.labels == labels and torch.equal(again(x, classify=True), scores)
+    assert again.config.labels == labels and torch.equal(again(x), scores)
     assert run_cli("lora", "merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")) == 0
     merged = load(tmp_path / "merged")
     assert merged.config.labels == labels
-    assert max_diff(merged(x, classify=True), scores) <= TOL
+    assert max_diff(merged(x), scores) <= TOL

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.train import loss as loss_module
-from lmforge.train.loss import IGNORE_INDEX, linear_cross_entropy
+from lmforge.ops import loss as loss_module
+from lmforge.ops.loss import IGNORE_INDEX, linear_cross_entropy
 
 
 @pytest.mark.parametrize("rows_per_block", [3, 512])

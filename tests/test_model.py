@@ -80,8 +80,8 @@ def test_reference_and_fused_attention_agree(overrides):
     outs = []
     for model in (fused, ref):
         cache = KVCache(cfg, pad, 40, torch.float32)
-        h1 = model(ids[:, :20], pos=cache.positions(20), mask=cache.mask(20), cache=cache, return_hidden=True)
-        h2 = model(ids[:, 20:23], pos=cache.positions(3), mask=cache.mask(3), cache=cache, return_hidden=True)
+        h1 = model.hidden_states(ids[:, :20], pos=cache.positions(20), visible=cache.visible(20), cache=cache)
+        h2 = model.hidden_states(ids[:, 20:23], pos=cache.positions(3), visible=cache.visible(3), cache=cache)
         outs.append(torch.cat([h1, h2], dim=1))
     assert (outs[0] - outs[1]).abs().max() <= 1e-5
 

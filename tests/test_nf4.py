@@ -26,7 +26,7 @@ from lmforge.finetune.nf4 import (
     quantize_nf4,
 )
 from lmforge.model import GPT
-from lmforge.pretrained import state_dict_for_saving
+from lmforge.weights import state_dict_for_saving
 
 SHAPES = [(64,), (33,), (100, 70), (3, 5, 7), (300, 129), (256, 512)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -19,12 +19,13 @@ from data_fixtures import small_tokenizer
 
 import lmforge
 from lmforge import LmforgeError
+from lmforge.cli.flags import add_flags, config_from_args
 from lmforge.config import Config
 from lmforge.data.prepare import prepare
 from lmforge.model import GPT
-from lmforge.train import pretrain
+from lmforge.recipes import pretrain
 from lmforge.train.checkpoint import list_checkpoints
-from lmforge.train.config import TrainConfig, add_flags, config_from_args
+from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import init_distributed
 from lmforge.train.loss import next_token_loss
 from lmforge.train.optim import lr_at, param_groups
@@ -244,8 +245,9 @@ def test_two_processes_match_one_and_resume_exactly(data_dir, tmp_path, strategy
 def test_quickstart_runs_the_pipeline_and_says_what_to_do_next(tmp_path):
     out = tmp_path / "qs"
     r = lmforge_cli("quickstart", "--input", str(shared("llms-from-scratch/the-verdict.txt")), "--vocab-size", "300",
-                    "--minutes", "0.15", "--out", str(out))
+                    "--preset", "nano", "--minutes", "0.15", "--out", str(out))
     assert r.returncode == 0, r.stderr
+    assert "from your text" in r.stdout and "built-in corpus" not in r.stdout  # --input was given
     for expected in ("[1/3] Tokenizer", "[2/3] Data", "[3/3] Pretraining", "validation loss", "What the model writes",
                      "loss curve:", "checkpoint:", "lmforge generate --model", "lmforge chat --model"):
         assert expected in r.stdout, expected

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.fields import dataclass_from_dict
 from lmforge.io import atomic_write_text
 
 NORMS = ("layernorm", "rmsnorm")
@@ -115,11 +116,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LmforgeError(f"unknown config field(s) {sorted(unknown)}; known fields: {', '.join(sorted(known))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config", key="config field")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `config.json` into the folder `path`."""

@@ -7,7 +7,8 @@ follows what `lmforge.model` really allocates, and the tests hold it to that:
 - parameters: the exact count `GPT(config).num_params()` gives (a tied head counts once);
 - weight bytes per storage dtype (`DTYPES`), incl. the scales of int8 and NF4;
 - KV-cache bytes per token and for `batch` sequences of `context` tokens;
-- training memory for fp32 AdamW: weights, gradients, the two AdamW moments, and the
+- training memory of the trainer's fp32 step (`model(x, y)`, its blockwise loss, the
+  fused AdamW of `build_optimizer`): weights, gradients, the two AdamW moments, and the
   activations autograd saves for backward, with and without gradient checkpointing,
   plus the transient buffers that set the real peak of a step.
 
@@ -31,10 +32,14 @@ sees on small configs. What one block saves in training, for N = batch * context
     SwiGLU: gate, silu(gate), up, their product          4 * N * H
 
 where C = n_embd, qd = n_head * head_dim, kvd = n_kv_head * head_dim, H = mlp_hidden.
-Outside the blocks: the token ids (and position ids) the embeddings keep, the targets,
-the final norm, RoPE's cos/sin tables, an embedding-dropout mask, and the loss's
-log-softmax over the vocabulary, N * vocab_size fp32 -- for small models the largest
-item of all.
+Outside the blocks: the token ids (and position ids) the embeddings keep, the final
+norm's input and statistics, RoPE's cos/sin tables, an embedding-dropout mask, and what
+the loss keeps. The trainer's loss (`GPT.forward(idx, targets)`, i.e.
+`lmforge.ops.loss.linear_cross_entropy`) never holds the (N, vocab) logits: it runs the
+head and the cross-entropy a block of rows at a time and takes the gradients in its
+forward, so it keeps the gradient of the hidden states, N * C, and the head weight's
+gradient, vocab * C (counted with the gradients, not here), and for the time of its
+forward one block of fp32 logits and their softmax (`loss_buffers`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,14 @@ NF4_ABSMAX_BLOCK = 256  # double quantization: 8-bit absmaxes in blocks of 256 w
 ACT = 4  # training activations are fp32
 STAT = 4  # norm statistics and SDPA's logsumexp are fp32 whatever the activation dtype
 INDEX = 8  # token ids, positions, targets are int64
+# torch.utils.checkpoint keeps, per block, the CPU generator's state to replay dropout (torch.get_rng_state())
+CHECKPOINT_RNG_STATE = 5056
+
+# `lmforge.ops.loss` (which imports torch, so the numbers are repeated here; the tests hold them equal)
+LOSS_BLOCK_ROWS = 512  # rows of logits per block when the head trains
+LOSS_FROZEN_HEAD_BLOCK_ROWS = 128  # ... when it does not
+LOSS_BLOCK_FLOATS = 1 << 25  # and floats per block, at most
+LOSS_ROW_ALIGN = 16  # a block's rows are padded to a multiple of 16 floats
 
 
 def _check_dtype(dtype: str) -> None:
@@ -157,8 +170,8 @@ class Activations:
     """Bytes autograd saves for backward in one forward of (batch, context), fp32."""
 
     block: int  # what one block saves, its input included
-    block_input: int  # one block's input: all that checkpointing keeps of a block
-    outside: int  # embeddings' ids, targets, RoPE tables, final norm, log-softmax
+    block_input: int  # one block's input: what checkpointing keeps of a block (with the RNG state)
+    outside: int  # embeddings' ids, RoPE tables, final norm, the loss's gradient of h
     n_layer: int
 
     @property
@@ -168,13 +181,14 @@ class Activations:
 
     @property
     def kept(self) -> int:
-        """With checkpointing, at the end of forward: each block's input and the outside."""
-        return self.outside + self.n_layer * self.block_input
+        """With checkpointing, at the end of forward: each block's input (and CPU RNG state) and the outside."""
+        return self.outside + self.n_layer * (self.block_input + CHECKPOINT_RNG_STATE)
 
     @property
     def checkpointed(self) -> int:
-        """With checkpointing, in backward: the kept tensors plus one recomputed block."""
-        return self.kept + self.block
+        """With checkpointing, in backward: the kept tensors plus one recomputed block
+        (whose input is the kept one, counted once)."""
+        return self.kept + self.block - self.block_input
 
 
 def _norm_saved(config: Config, N: int) -> int:
@@ -202,9 +216,44 @@ def _attention_saved(config: Config, batch: int, context: int) -> int:
     return 3 * N * qd * ACT + matrices * scores + mask + N * qd * ACT
 
 
+def _final_norm_saved(config: Config, N: int) -> int:
+    """The final norm's saved tensors besides its input: its output feeds the blockwise
+    loss, which keeps no input (only gradients), so nothing saves that output."""
+    return _norm_saved(config, N) - N * config.n_embd * ACT
+
+
 def _mlp_saved(config: Config, N: int) -> int:
     H = config.mlp_hidden
     return (4 if config.mlp == "swiglu" else 2) * N * H * ACT
+
+
+def loss_block_rows(tokens: int, vocab: int, head_trains: bool = True) -> int:
+    """Rows of logits `linear_cross_entropy` computes at a time (its `rows`)."""
+    return max(1, min(tokens, LOSS_BLOCK_ROWS if head_trains else LOSS_FROZEN_HEAD_BLOCK_ROWS, LOSS_BLOCK_FLOATS // vocab))
+
+
+def loss_block_bytes(tokens: int, vocab: int, head_trains: bool = True) -> int:
+    """One block of fp32 logits and its softmax, rows padded to a multiple of 16 floats."""
+    width = -(-vocab // LOSS_ROW_ALIGN) * LOSS_ROW_ALIGN
+    return 2 * loss_block_rows(tokens, vocab, head_trains) * width * ACT
+
+
+def loss_buffers(tokens: int, n_embd: int, vocab: int, head_trains: bool = True) -> int:
+    """Peak bytes `linear_cross_entropy` allocates in its forward for `tokens` rows of h
+    (fp32, h needing a gradient): the two gradients it keeps for backward (of h, (N, C);
+    of the head weight, (vocab, C), when the head trains), the per-row bookkeeping, one
+    block of logits and its softmax, and the block's largest temporary."""
+    N, C, V = tokens, n_embd, vocab
+    rows = loss_block_rows(N, V, head_trains)
+    kept = N * C * ACT + (V * C * 4 if head_trains else 0)
+    # valid (bool), scale (fp32), the targets with ignored labels zeroed (int64), the
+    # row losses (fp32), and the label count (an int64 scalar)
+    bookkeeping = N * (1 + ACT + INDEX + ACT) + INDEX
+    blocks = loss_block_bytes(N, V, head_trains)  # logits, softmax
+    # in the loop: a block's h * scale for the head's gradient (else three (rows,)
+    # reductions); after it, the masked row losses (and a wrapped 0.0)
+    transient = max(rows * C * ACT if head_trains else 3 * rows * ACT, N * ACT + ACT)
+    return kept + bookkeeping + blocks + transient
 
 
 def activations(config: Config, batch: int, context: int) -> Activations:
@@ -224,10 +273,8 @@ def activations(config: Config, batch: int, context: int) -> Activations:
         + (2 * context * config.head_dim * ACT if config.positions == "rope" else 0)  # cos, sin
         + (N * C * ACT if config.dropout > 0 else 0)  # embedding dropout mask
         + N * C * ACT  # the final norm's input (the last block's output)
-        + _norm_saved(config, N)
-        + N * config.vocab_size * ACT  # log-softmax of the fp32 logits
-        + N * INDEX  # targets
-        + STAT  # nll_loss's total weight, a scalar
+        + _final_norm_saved(config, N)
+        + N * C * ACT  # the loss's gradient of the hidden states, taken in its forward
     )
     return Activations(block=block, block_input=N * C * ACT, outside=outside, n_layer=config.n_layer)
 
@@ -239,9 +286,11 @@ class Training:
 
     `total` is the usual rule of thumb, weights + gradients + AdamW moments + saved
     activations. The peaks are what a step really reaches (see `backward_phases`):
-    gradients appear only as activations are freed, but the loss and each block's
-    backward make short-lived gradients the sum leaves out. Everything is fp32, as
-    lmforge trains; bf16 autocast would change the activations and is not modeled.
+    gradients appear only as activations are freed (the head's first: the blockwise loss
+    takes it in the forward), but the loss's blocks of logits and each block's backward
+    make short-lived buffers the sum leaves out. Everything is fp32, as lmforge trains,
+    with the trainer's fused AdamW; bf16 autocast would change the activations and is
+    not modeled.
     """
 
     weights: int
@@ -249,7 +298,7 @@ class Training:
     adamw: int  # exp_avg and exp_avg_sq, fp32
     activations: int  # saved for backward, no checkpointing
     activations_checkpointed: int  # kept block inputs + one recomputed block
-    loss_gradient: int  # the two (N, vocab) fp32 gradients at the start of backward
+    loss_blocks: int  # the loss's transient block of fp32 logits and its softmax (rows x vocab, padded)
     peak: int  # a steady-state step, modeled phase by phase
     peak_checkpointed: int
     peak_phase: str  # the phase of backward_phases that sets the peak
@@ -265,27 +314,24 @@ def _block_param_bytes(config: Config) -> int:
     return ((p.attention + p.mlp) // config.n_layer + 2 * (p.norms // (2 * config.n_layer + 1))) * 4
 
 
-def _largest_param_bytes(config: Config) -> int:
-    tables = [config.vocab_size * config.n_embd]
-    if config.positions == "learned":
-        tables.append(config.context_length * config.n_embd)
-    return max(*tables, *(o * i for o, i in block_linears(config))) * 4
-
-
 def backward_phases(config: Config, batch: int, context: int, checkpointing: bool) -> dict[str, int]:
     """Bytes beyond weights and AdamW moments at each candidate peak of a steady-state step.
 
     Steady state: the moments exist and zero_grad(set_to_none=True) left no gradients,
-    so gradients appear only as backward frees activations; a step's peak is at one of
-    these moments (found with the PyTorch profiler's allocation events on CPU).
+    so gradients appear only as backward frees activations (the head's sooner, in the
+    loss's forward); a step's peak is at one of these moments (found with the PyTorch
+    profiler's allocation events on CPU; the tests hold each to the allocator's peak).
     """
     params = count_params(config)
     P = params.total * 4
     acts = activations(config, batch, context)
     N, V, C, H = batch * context, config.vocab_size, config.n_embd, config.mlp_hidden
     head_gradient = V * C * 4
-    # freed once the loss, the head and the final norm are through backward
-    loss_and_final_norm = N * V * ACT + N * C * ACT + _norm_saved(config, N)
+    # the batch's labels: an input of the step, held throughout (its token ids are among the saved tensors)
+    targets = N * INDEX
+    # freed once the loss and the final norm are through backward: the loss's gradient
+    # of h, the final norm's input and statistics
+    loss_and_final_norm = 2 * N * C * ACT + _final_norm_saved(config, N)
     # inside a block's backward, at the MLP's output projection: the residual-stream
     # gradient, the hidden activations' gradient(s) (SwiGLU: of silu(gate) and of up),
     # and that projection's weight gradient
@@ -293,20 +339,42 @@ def backward_phases(config: Config, batch: int, context: int, checkpointing: boo
     # gradients not yet made when the first block runs backward: its own and the
     # embedding tables' (a tied token table already has its head half)
     untouched_tables = params.embeddings - (V * C if config.tie_embeddings else 0)
+    untied_token_table = 0 if config.tie_embeddings else V * C * 4
     pending = _block_param_bytes(config) + untouched_tables * 4
     stored = acts.kept if checkpointing else acts.saved
-    top = acts.kept + acts.block if checkpointing else acts.saved
+    # the final norm's backward beyond what forward stored (see "final norm" below)
+    if config.norm == "layernorm":
+        final_norm_backward = N * C * ACT  # its input's gradient
+    else:  # five (N, C) made; the loss's gradient of h, x * rsqrt and rsqrt freed
+        final_norm_backward = 5 * N * C * ACT - 2 * N * C * ACT - N * STAT
+    top = acts.checkpointed if checkpointing else acts.saved
+    # what stays of the outside until the embeddings' backward: ids, positions, RoPE
+    # tables, the dropout mask (and the first block's RNG state, with checkpointing)
+    below = acts.outside - loss_and_final_norm + (CHECKPOINT_RNG_STATE if checkpointing else 0)
     return {
-        # nll_loss's backward writes an (N, vocab) gradient, log-softmax's another from it
-        "loss": stored + 2 * N * V * 4,
+        # the loss's forward, at the end of its first block: what forward stored, the
+        # final norm's output h (saved by nothing, alive while the loss runs) and the
+        # loss's buffers (the gradients of h and of the head weight it takes there and
+        # then, a block of logits and its softmax). The gradient of h counts in both
+        # `stored` and the buffers, and h is the same size: the two cancel.
+        "loss": stored + targets + loss_buffers(N, C, V),
+        # the final norm's backward, the blocks' activations still stored and the head's
+        # gradient made: LayerNorm's makes its input's gradient, the loss's gradient of h
+        # its grad_output; RMSNorm (autograd through its ops) has freed that and its saved
+        # x * rsqrt and rsqrt when it holds five (N, C) at pow's backward: the gradients
+        # through weight * h, h * rsqrt and the mean, pow's x ** 1 and its product with 2
+        "final norm": stored + head_gradient + targets + final_norm_backward,
         # the top block (recomputed, with checkpointing), with the head's gradient made
-        "top block": top - loss_and_final_norm + head_gradient + in_flight,
-        # the first block: nearly all gradients, and that block's activations
-        "first block": P - pending + acts.block + in_flight,
-        # CPU AdamW goes tensor by tensor: sqrt(v) and sqrt(v) / bias correction of the
-        # largest parameter. (This also covers the end of backward, where a tied table's
-        # dense embedding gradient waits to be added to the head's: one (vocab, C) more.)
-        "optimizer": P + 2 * _largest_param_bytes(config),
+        "top block": top - loss_and_final_norm + head_gradient + in_flight + targets,
+        # the first block: nearly all gradients, that block's activations, and what is
+        # left of the outside (ids, positions, RoPE tables, ...)
+        "first block": P - pending + acts.block + in_flight + below + targets,
+        # the end of backward, the token embedding's: every other gradient made (a tied
+        # table's head half waiting to be added to it; a learned position table's goes
+        # first), the table's dense gradient, the embeddings' output gradient, the ids.
+        # The trainer's fused AdamW then steps with no temporaries (the for-loop AdamW
+        # would add two of the largest parameter's size; foreach, on other devices, more).
+        "embeddings": P - untied_token_table + V * C * 4 + N * C * ACT + N * INDEX + targets,
     }
 
 
@@ -314,7 +382,8 @@ def training_memory(config: Config, batch: int, context: int) -> Training:
     """fp32 AdamW training memory: the components, their sum, and the modeled peaks.
 
     A peak is the weights and AdamW moments (resident all step) plus the largest of
-    `backward_phases`; `peak_phase` names it ("loss" when the vocabulary dominates).
+    `backward_phases`; `peak_phase` names it ("loss" when the vocabulary and the
+    activations dominate, "embeddings" when the weights do).
     """
     P = count_params(config).total * 4
     acts = activations(config, batch, context)
@@ -327,7 +396,7 @@ def training_memory(config: Config, batch: int, context: int) -> Training:
         adamw=2 * P,
         activations=acts.saved,
         activations_checkpointed=acts.checkpointed,
-        loss_gradient=2 * batch * context * config.vocab_size * 4,
+        loss_blocks=loss_block_bytes(batch * context, config.vocab_size),
         peak=resident + max(plain.values()),
         peak_checkpointed=resident + max(ckpt.values()),
         peak_phase=max(plain, key=plain.__getitem__),

@@ -3,17 +3,28 @@
 Every artefact lmforge writes (tokenizers, token files, checkpoints) either appears
 whole or not at all: a crash or Ctrl-C mid-write must never leave a half-written
 file where a reader would take it for a good one.
+
+Files: `atomic_file` (a temp file, fsynced, renamed over the target). Folders:
+`atomic_dir` (a hidden temp sibling, every file and folder in it fsynced, then renamed
+or atomically exchanged into place; leftovers of a crash are repaired by the next write,
+`recover_leftovers`), and `atomic_output_dir` on top of it for user-named outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import re
+import secrets
 import shutil
+import stat
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lmforge.errors import LmforgeError
 
@@ -60,33 +71,239 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it is renamed to `out`.
+# --- folders ----------------------------------------------------------------------------
+# A folder is written whole or not at all by building it in a hidden sibling and renaming
+# it into place. Every hidden name is `.{target}.{kind}-{token}`:
+#   tmp  the folder being built (or, after an atomic exchange, the old one being deleted);
+#   old  the previous folder moved aside while the new one is renamed in (only on systems
+#        that cannot exchange two folders in one step);
+#   del  a folder hidden before it is deleted, so a crash mid-delete leaves nothing that
+#        looks like the real one.
+# An `old` one is only ever a whole folder that had landed (it is renamed to `del` before
+# it is deleted), so when its target is missing, the swap it was part of never finished
+# and putting it back restores the folder as it was. The rest are always garbage.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)(?P<token>-[\w-]*)?")
+_MKDTEMP = re.compile(r"(?P<name>.+)\.\w{8}")  # `.{out}.XXXXXXXX.tmp`: mkdtemp's name in the earlier atomic_output_dir
 
-    On any exception (including KeyboardInterrupt) the temporary folder is removed and
-    `out` is left exactly as it was. An existing `out` is replaced only with `overwrite`.
+
+def _token() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _hidden(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{_token()}")
+
+
+def _parse_leftover(name: str, is_dir: bool) -> tuple[str, str] | None:
+    """(target name, kind) of a hidden entry an interrupted folder write or delete left,
+    None for anything else. Temp folders are folders; a file is ours only under a name
+    that nothing else in lmforge uses (`atomic_file`'s temp files end in `.tmp`)."""
+    m = _LEFTOVER.fullmatch(name)
+    if m is None:
+        return None
+    target, kind = m["name"], m["kind"]
+    if m["token"] is None:  # `.{out}.old` / `.{out}.XXXXXXXX.tmp` of the earlier atomic_output_dir
+        if not is_dir:
+            return None
+        if kind == "tmp" and (legacy := _MKDTEMP.fullmatch(target)):
+            target = legacy["name"]
+    elif kind == "tmp" and not is_dir:
+        return None
+    return target, kind
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder (or a file) as far as possible; what is left stays hidden."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a folder (or a file): hidden first (`.{name}.del-*`), then removed, so a crash
+    mid-delete never leaves a partial folder under its real name; the next folder write
+    beside it removes what is left."""
+    _hide_and_remove(Path(path), Path(path))
+
+
+def _hide_and_remove(path: Path, target: Path) -> None:
+    """Rename `path` to a `del` name of `target` (the folder it was or stood in for, so
+    the next repair of `target` finds it), then delete it."""
+    hidden = _hidden(target, "del")
+    try:
+        os.replace(path, hidden)
+    except FileNotFoundError:
+        return
+    except OSError:
+        hidden = path  # cannot rename (e.g. a folder in use on Windows): delete in place
+    _remove(hidden)
+
+
+def recover_leftovers(parent: str | os.PathLike, target: str | Callable[[str], bool]) -> None:
+    """Repair what interrupted writes and deletes of the folders `target` names (a name,
+    or a test on names) left in `parent`: an `old` folder whose target is missing is put
+    back (the new one never landed); every other leftover is removed.
+
+    One writer per target: a temp folder of a write still running elsewhere is taken for
+    a leftover of a crash.
+    """
+    parent = Path(parent)
+    wanted = (lambda name: name == target) if isinstance(target, str) else target
+    try:
+        entries = sorted(parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    changed = False
+    for p in entries:
+        parsed = _parse_leftover(p.name, p.is_dir() and not p.is_symlink())
+        if parsed is None or not wanted(parsed[0]):
+            continue
+        name, kind = parsed
+        changed = True
+        dest = parent / name
+        if kind == "old" and not os.path.lexists(dest):
+            with contextlib.suppress(OSError):  # if it cannot go back, keep it hidden: it may be the only copy
+                os.replace(p, dest)
+        elif kind == "old":
+            _hide_and_remove(p, dest)  # an `old` one must never be partial
+        else:
+            _remove(p)
+    if changed:
+        fsync_dir(parent)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Put every regular file under `root` on disk, then every folder, deepest first, so
+    each folder's entries name files that are already durable. Symlinks are not followed
+    (what they point to is not part of the folder). A file that cannot be synced raises:
+    its content may not be on disk."""
+    folders = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        folders.append(dirpath)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                _fsync_file(path)
+    for folder in reversed(folders):  # os.walk lists a folder before anything inside it
+        fsync_dir(Path(folder))
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, some musl)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or the file system cannot, and nothing has changed then."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _make_dirs(folder: Path) -> None:
+    """`mkdir -p`, each new folder made durable in its parent: a folder renamed into a
+    folder that a crash then loses is lost with it."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for f in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            f.mkdir()
+        fsync_dir(f.parent)
+
+
+def _new_temp(out: Path) -> Path:
+    """An empty hidden sibling of `out`. Not mkdtemp: its folders are private (0700), and
+    the folder becomes `out`, which should get the permissions any new folder gets."""
+    while True:
+        tmp = _hidden(out, "tmp")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Make the finished folder `tmp` be `out`, replacing whatever is there. A crash at any
+    moment leaves `out` old and whole or new and whole (or, between the two renames of the
+    fallback, the old one under a hidden `old` name that `recover_leftovers` puts back)."""
+    parent = out.parent
+    if not os.path.lexists(out):
+        os.replace(tmp, out)
+        fsync_dir(parent)
+        return
+    if _exchange(tmp, out):
+        fsync_dir(parent)  # the new one is in place for good before the old one goes
+        _remove(tmp)  # now the old folder, under the hidden temp name
+        return
+    old = _hidden(out, "old")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):  # an error, not a crash: put the old one back now
+            os.replace(old, out)
+        raise
+    fsync_dir(parent)
+    _hide_and_remove(old, out)  # an `old` one must never be partial
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `out`; when the block succeeds it becomes `out`,
+    replacing any folder (or file) there, in one atomic step where the system can.
+
+    Before it is renamed, every file and folder in it is fsynced, so what lands is on
+    disk, not just in the page cache. On any exception (KeyboardInterrupt included) the
+    temporary folder is removed and `out` is left as it was; after a hard crash, the next
+    `atomic_dir` (or `recover_leftovers`) for `out` cleans up or restores what was left.
+    Missing parent folders are created.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LmforgeError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _make_dirs(out.parent)
+    recover_leftovers(out.parent, out.name)
+    tmp = _new_temp(out)
     try:
         yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        fsync_tree(tmp)
+        _swap_in(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """`atomic_dir` for a user-named output folder: an existing `out` is replaced only with
+    `overwrite`, checked before anything is written so a refused run costs nothing."""
+    out = Path(out)
+    recover_leftovers(out.parent, out.name)  # a swap a crash interrupted: `out` is its old self again
+    if os.path.lexists(out) and not overwrite:
+        raise LmforgeError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    with atomic_dir(out) as tmp:
+        yield tmp

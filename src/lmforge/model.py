@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
+from lmforge.ops.loss import head_loss
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
+        visible: torch.Tensor | None,
         cache: Cache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -116,21 +117,22 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        # mask None means plain causal attention over exactly these T positions
-        causal = mask is None and T > 1
+        # visible (B, 1, T, S): the slots each query may attend to; None means plain causal
+        # attention over exactly these T positions
+        causal = visible is None and T > 1
         dropout = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head
+                q, k, v, attn_mask=visible, is_causal=causal, dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head
             )
         else:
-            y = reference_attention(q, k, v, mask, causal, dropout)
+            y = reference_attention(q, k, v, visible, causal, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o(y)
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, causal: bool, dropout: float = 0.0
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v, spelled out: the path to read (and to check the fused one)."""
     group = q.size(1) // k.size(1)
@@ -139,9 +141,9 @@ def reference_attention(
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
     if causal:
         T, S = att.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if visible is not None:
+        att = att.masked_fill(~visible, float("-inf"))
     att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), dropout)
     return att @ v  # (B, nh, T, hd)
 
@@ -184,14 +186,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, cache):  # noqa: ANN001, ANN201 - same arguments as Attention
-        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+    def forward(self, x, rope, visible, cache):  # noqa: ANN001, ANN201 - same arguments as Attention
+        x = x + self.drop(self.attn(self.norm1(x), rope, visible, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
 # --- the model -------------------------------------------------------------------------
-def padding_positions_and_mask(real: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Positions (B, T) and attention mask (B, 1, T, T) for rows with padding (`real` False).
+def padding_positions_and_visible(real: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Positions (B, T) and visible slots (B, 1, T, T) for rows with padding (`real` False).
 
     Right padding needs neither: causal attention never looks ahead at it. Padding before
     a real token (left padding) shifts the row's positions back to 0 at its first real
@@ -252,32 +254,53 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        *,
-        pos: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        return_hidden: bool = False,
-        targets: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        classify: bool = False,
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits for `idx` (B, T).
+        """The model's prediction for `idx` (B, T), or with `targets` its mean cross-entropy.
 
-        Plain training/scoring needs only `idx`. The engine passes `pos` (B, T) (each
-        row's positions, so left-padded rows start at 0), a boolean `mask` (B, 1, T, S)
-        of the slots each token may attend to (None: causal over these T tokens), and
-        the `cache` that holds earlier keys and values. `return_hidden` gives the final
-        normed hidden states (B, T, C) instead, for classifier and value heads. With
-        `targets` (B, T) it returns the mean next-token cross-entropy instead of the logits
-        (labels -100 ignored), computed by `lmforge.train.loss.head_loss` without ever
-        holding the (B, T, vocab) logits: the training step's fast path.
+        A language model predicts the next token: logits (B, T, vocab_size) in fp32; with
+        `targets` (B, T) the loss over labels != IGNORE_INDEX, computed blockwise
+        (`lmforge.ops.loss.head_loss`) without ever holding the logits: the training
+        step's fast path. A model with a classification head (`config.labels`) is a
+        classifier, as its checkpoint says it is: label logits (B, len(labels)) from each
+        row's last real token (`classify`), with `targets` (B,) their cross-entropy.
+        Training goes through `forward` either way, so DDP's and FSDP's hooks always run.
 
         `attention_mask` (B, T) is 1 on real tokens and 0 on padding (the Hugging Face
         convention): left-padded rows get their own positions and never attend to the
-        padding, so each row's result equals running it alone. `classify` returns the
-        label logits (B, len(config.labels)) from each row's last real token.
+        padding, so each row's result equals running it alone.
+        """
+        if self.score is not None:
+            logits = self.classify(idx, attention_mask)
+            return logits if targets is None else F.cross_entropy(logits, targets)
+        h = self.hidden_states(idx, attention_mask=attention_mask)
+        if targets is None:
+            return self.lm_head(h).float()
+        return head_loss(self.lm_head, h, targets)
+
+    def classify(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Label logits (B, len(config.labels)), fp32, read at each row's last real token:
+        under causal attention only the last token has seen the whole text."""
+        if self.score is None:
+            raise LmforgeError("this model has no classification head: its config has no labels")
+        h = self.hidden_states(idx, attention_mask=attention_mask)  # (B, T, C)
+        rows = torch.arange(idx.size(0), device=h.device)
+        return self.score(h[rows, last_real_index(attention_mask, idx.size(1), h.device)]).float()
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """The final normed hidden states (B, T, C): what every head reads.
+
+        Plain use needs only `idx` (and `attention_mask` for padded rows). The engine
+        passes instead each row's positions `pos` (B, T), the `visible` slots (B, 1, T, S)
+        each new token may attend to, and the `cache` holding earlier keys and values.
         """
         B, T = idx.shape
         if pos is None:
@@ -286,8 +309,8 @@ class GPT(nn.Module):
                     f"sequence of {T} tokens is longer than the model's context_length {self.config.context_length}; "
                     "truncate the input or use a shorter window"
                 )
-            if attention_mask is not None and mask is None:
-                pos, mask = padding_positions_and_mask(attention_mask.bool())
+            if attention_mask is not None and visible is None:
+                pos, visible = padding_positions_and_visible(attention_mask.bool())
         if pos is None:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         x = self.tok_emb(idx)  # (B, T, C)
@@ -297,22 +320,10 @@ class GPT(nn.Module):
         rope = rope_cos_sin(self.inv_freq, pos, x.dtype) if self.pos_emb is None else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, visible, cache, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
-        x = self.norm_f(x)
-        if classify:
-            if self.score is None:
-                raise LmforgeError("this model has no classification head: its config has no labels")
-            return self.score(x[torch.arange(B, device=x.device), last_real_index(attention_mask, T, x.device)]).float()
-        if return_hidden:
-            return x
-        if targets is not None:
-            # imported here, not at the top: train.loss imports this module
-            from lmforge.train.loss import head_loss
-
-            return head_loss(self.lm_head, x, targets)
-        return self.lm_head(x).float()
+                x = block(x, rope, visible, cache)
+        return self.norm_f(x)
 
     # --- facts ---------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

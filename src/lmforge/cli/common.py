@@ -1,4 +1,4 @@
-"""Helpers every CLI module shares: a subcommand with examples in its --help."""
+"""Helpers every CLI module shares: a subcommand with examples in its --help, the flags several share."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def add_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> a
     """A command with subcommands of its own (`lmforge tokenizer train`)."""
     parser = subparsers.add_parser(name, help=help, description=help)
     return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
+def add_corpus_flags(parser: argparse.ArgumentParser, *, workers: str, overwrite: str) -> None:
+    """The flags of every command that reads a text corpus: --input, --text-field, --workers,
+    --overwrite (the last two say what they mean for that command)."""
+    parser.add_argument("--input", nargs="+", metavar="PATH", help="text files, folders or globs (default: the standard library's .py files)")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    parser.add_argument("--workers", type=int, default=None, help=f"{workers} (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
 
 
 def progress_enabled() -> bool:

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import load_hf, save_hf
-    from lmforge.pretrained import load_pretrained, save_pretrained
+    from lmforge.weights import load_pretrained, save_pretrained
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

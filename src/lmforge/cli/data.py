@@ -7,11 +7,11 @@ import json
 import sys
 import time
 
-from lmforge.cli.common import add_command, add_group, progress_enabled
+from lmforge.cli.common import add_command, add_corpus_flags, add_group, progress_enabled
 from lmforge.corpus import corpus_paths
 from lmforge.data import prepare
 from lmforge.data.download import DATASETS, MIRROR_ENV, download
-from lmforge.data.tokens import SPLITS, TokenData
+from lmforge.data.tokens import TOKEN_SPLITS, TokenData
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
@@ -42,13 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         tokens become val. Bytes that are not UTF-8 are replaced by U+FFFD and counted.
         """,
     )
-    p.add_argument("--input", nargs="+", metavar="PATH", help="text files, folders or globs (default: the standard library's .py files)")
+    add_corpus_flags(p, workers="encoding threads", overwrite="replace an existing --out folder")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (or its tokenizer.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the token files into")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of documents for validation (default: 0.1)")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
-    p.add_argument("--workers", type=int, default=None, help="encoding threads (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
     p = add_command(
         group,
@@ -116,8 +113,8 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"note: too few documents for a {args.val_fraction} share of them; val is the last {args.val_fraction} of the tokens", file=sys.stderr)
     elif meta["val_split"] == "none" and args.val_fraction > 0:
         print("note: the corpus is too small for any validation tokens; val.bin is empty", file=sys.stderr)
-    text_tokens = sum(data.num_tokens(s) for s in SPLITS) - sources["documents"]
-    for split in SPLITS:
+    text_tokens = sum(data.num_tokens(s) for s in TOKEN_SPLITS) - sources["documents"]
+    for split in TOKEN_SPLITS:
         m = meta["splits"][split]
         print(f"{split:<6}{m['tokens']:>14,} tokens {m['documents']:>10,} documents  {data.path / m['file']}")
     print(
@@ -138,7 +135,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"format      {meta['format']} v{meta['version']} (lmforge {meta.get('lmforge_version', '?')})")
     print(f"tokenizer   {tok['name']} ({data.path / tok['file']}), {data.vocab_size:,} ids, fingerprint {tok['fingerprint'][:16]}")
     print(f"tokens      {meta['dtype']}, <|endoftext|> = {data.eot_id} after each document")
-    for split in SPLITS:
+    for split in TOKEN_SPLITS:
         m = meta["splits"][split]
         print(f"{split:<12}{m['tokens']:,} tokens, {m['documents']:,} documents ({m['file']})")
     print(f"val split   {meta['val_split']} (fraction {meta['val_fraction']})")

@@ -8,7 +8,7 @@ import json
 from lmforge.cli.common import add_command
 from lmforge.config import PRESETS, Config
 from lmforge.errors import LmforgeError
-from lmforge.estimate import DTYPES, Estimate, estimate
+from lmforge.estimate import DTYPES, Estimate, estimate, loss_block_rows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="""
         Parameters (exact, as the model counts them), weight bytes in every storage dtype,
         KV-cache bytes per token and for --batch sequences of --context tokens, and the
-        memory of an fp32 AdamW training step at --batch x --context: weights, gradients,
+        memory of the trainer's fp32 AdamW step at --batch x --context: weights, gradients,
         AdamW moments, activations saved for backward with and without gradient
-        checkpointing, and the step's modeled peak.
+        checkpointing, the loss's transient buffer (a block of rows of fp32 logits and
+        their softmax: the trainer's loss never holds all N x vocab), and the step's
+        modeled peak.
 
         int8 and nf4 quantize the Linear weights inside the blocks only; embeddings, norms,
         biases and the head stay 16-bit, and so does the KV cache.
@@ -109,12 +111,13 @@ def render(config: Config, est: Estimate) -> list[str]:
     ]
 
     lines += ["", _row(f"training, fp32 AdamW, {est.batch} x {est.context}", "plain", "checkpointed", indent=0)]
+    loss_rows = loss_block_rows(est.batch * est.context, config.vocab_size)
     rows = [
         ("weights", t.weights, t.weights),
         ("gradients", t.gradients, t.gradients),
         ("AdamW moments (exp_avg, exp_avg_sq)", t.adamw, t.adamw),
         ("activations saved for backward", t.activations, t.activations_checkpointed),
-        ("loss gradient, transient (2 N x vocab)", t.loss_gradient, t.loss_gradient),
+        (f"loss, transient (2 x {loss_rows} x vocab)", t.loss_blocks, t.loss_blocks),
         ("weights + grads + AdamW + activations", t.total, t.total - t.activations + t.activations_checkpointed),
         ("peak of a step (modeled)", t.peak, t.peak_checkpointed),
     ]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from lmforge.cli.common import add_command, add_group, progress_enabled
-from lmforge.finetune.config import TRAINABLE_HELP, FinetuneConfig
-from lmforge.train.config import add_flags, config_from_args
+from lmforge.cli.flags import add_flags, config_from_args
+from lmforge.recipes.config import TRAINABLE_HELP, FinetuneConfig
 
 # TrainConfig fields that describe building a model from a preset: a fine-tuning run has a --base instead
 NOT_FOR_FINETUNING = ("preset", "model", "context_length", "max_tokens")
@@ -76,13 +78,13 @@ def _add_finetune_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...]) 
 
 
 def _finetune_classify(args: argparse.Namespace) -> int:
-    from lmforge.finetune.classify import SPLITS, run
+    from lmforge.data.batches import EXAMPLE_SPLITS
+    from lmforge.recipes.classify import run
 
-    cfg = config_from_args(args, args.config, cls=FinetuneConfig)
-    result = run(cfg, say=lambda m: print(m, file=sys.stderr), progress=progress_enabled())
+    result = _run(run, args)
     splits = result.metrics["splits"]
     print(f"{result.stopped} at step {result.metrics['steps']}")
-    for s in SPLITS:
+    for s in EXAMPLE_SPLITS:
         before = splits[s].get("before")
         was = f"{100 * before['accuracy']:6.2f}% -> " if before else ""
         print(f"{s:5} accuracy {was}{100 * splits[s]['after']['accuracy']:6.2f}%   loss {splits[s]['after']['loss']:.4f}")
@@ -94,10 +96,9 @@ def _finetune_classify(args: argparse.Namespace) -> int:
 
 
 def _finetune_instruct(args: argparse.Namespace) -> int:
-    from lmforge.finetune.instruct import run
+    from lmforge.recipes.instruct import run
 
-    cfg = config_from_args(args, args.config, cls=FinetuneConfig)
-    result = run(cfg, say=lambda m: print(m, file=sys.stderr), progress=progress_enabled())
+    result = _run(run, args)
     m = result.metrics
     print(f"{result.stopped} at step {m['steps']}")
     for s, v in m["splits"].items():
@@ -111,6 +112,12 @@ def _finetune_instruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(recipe: Callable[..., Any], args: argparse.Namespace) -> Any:
+    """The recipe on the run config from --config and the flags, narrating on stderr."""
+    cfg = config_from_args(args, args.config, cls=FinetuneConfig)
+    return recipe(cfg, say=lambda m: print(m, file=sys.stderr), progress=progress_enabled())
+
+
 def _resume_hint(stopped: str, out: object, task: str) -> None:
     if stopped != "done":
         print(f"continue with: lmforge finetune {task} --config {out}/run.json --resume")
@@ -118,8 +125,8 @@ def _resume_hint(stopped: str, out: object, task: str) -> None:
 
 def _classify(args: argparse.Namespace) -> int:
     from lmforge.device import pick_device
-    from lmforge.finetune.classify import predict
-    from lmforge.pretrained import load
+    from lmforge.loading import load
+    from lmforge.recipes.classify import predict
 
     model = load(args.model, device=pick_device(args.device))
     for text, (label, prob) in zip(args.texts, predict(model, args.texts)):

@@ -8,11 +8,11 @@ import sys
 
 from lmforge.cli.common import add_command
 from lmforge.device import pick_device
-from lmforge.engine import Engine, end_of_text_ids
+from lmforge.engine import Engine, SamplingParams, end_of_text_ids
 from lmforge.errors import LmforgeError
-from lmforge.pretrained import load
-from lmforge.sampling import SamplingParams
-from lmforge.serve.chat import ChatSession, template_for_model
+from lmforge.loading import load
+from lmforge.serve.chat import ChatSession
+from lmforge.tokenizer.templates import session_messages, template_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,8 +111,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat:
         if args.prompt is None or engine.tokenizer is None:
             raise LmforgeError("--chat needs a --prompt (text) and a model with a tokenizer")
-        template = template_for_model(engine.tokenizer)
-        args.prompt = template.render(None, [], args.prompt)
+        template = template_for(engine.tokenizer)
+        args.prompt = template.render(session_messages(None, [], args.prompt), add_generation_prompt=True)
         stop_strings += list(template.stop_strings)
     prompt = _prompt(args, engine)
     stop_ids = args.stop_id + ([] if args.ignore_eot else end_of_text_ids(engine.tokenizer))
@@ -137,7 +137,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     engine = _engine(args)
     session = ChatSession(engine, system=args.system, sampling=_sampling(args), max_new_tokens=args.max_new_tokens, seed=args.seed,
-                          template=template_for_model(engine.tokenizer))
+                          template=template_for(engine.tokenizer))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.model} (/reset to start over, /quit or Ctrl-D to leave)")

@@ -35,25 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from lmforge.finetune.lora import (
-        load_adapted,
-        lora_layers,
-        merge_lora,
-        read_adapter_config,
-    )
+    from lmforge.finetune.adapter import read_adapter_config
+    from lmforge.finetune.lora import LoRAConfig, lora_layers, merge_lora
     from lmforge.io import atomic_output_dir
-    from lmforge.pretrained import save_pretrained
+    from lmforge.loading import load_adapted
+    from lmforge.weights import save_pretrained
 
     out = Path(args.out)
     meta = read_adapter_config(args.adapter)
     base = args.base or meta.get("base")
-    model = load_adapted(args.adapter, base=args.base, quantize=False)  # merge onto the full-precision base
+    model = load_adapted(args.adapter, base=args.base, dense_base=True)  # merge onto the full-precision base
     n_layers = len(lora_layers(model))
     merge_lora(model)
     empty = out.is_dir() and not any(out.iterdir())
     with atomic_output_dir(out, overwrite=args.overwrite or empty) as tmp:
         save_pretrained(model, tmp)
-    rank = f"r={meta['r']}, alpha={meta['alpha']}{', rsLoRA' if meta.get('rslora') else ''}"
+    lora = LoRAConfig.from_adapter_config(meta)
+    rank = f"r={lora.r}, alpha={lora.alpha}{', rsLoRA' if lora.rslora else ''}"
     extras = f" and {len(meta['trainable'])} trained tensor(s)" if meta.get("trainable") else ""
     tok = "with the base's tokenizer" if model.tokenizer is not None else "the base has no tokenizer"
     print(f"merged {args.adapter} ({rank}, {n_layers} layers{extras}) into {base}")

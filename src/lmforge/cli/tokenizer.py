@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.cli.common import add_command, add_group, progress_enabled
+from lmforge.cli.common import add_command, add_corpus_flags, add_group, progress_enabled
 from lmforge.corpus import ReadStats, corpus_paths, iter_documents, resolve_inputs
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer, from_gpt2_files, train_bpe
@@ -34,14 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         Ties between equally frequent pairs go to the pair whose bytes sort first.
         """,
     )
-    p.add_argument("--input", nargs="+", metavar="PATH", help="text files, folders or globs (default: the standard library's .py files)")
+    add_corpus_flags(p, workers="processes for pre-tokenizing", overwrite="replace an existing tokenizer in --out")
     p.add_argument("--vocab-size", type=int, default=8192, metavar="N", help="total ids incl. 256 bytes and specials (default: 8192)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN", help=f"extra special token (repeatable); {ENDOFTEXT} is always added")
     p.add_argument("--pattern", default="gpt2", help=f"pre-tokenizer: {', '.join(PATTERNS)} or a regex (default: gpt2)")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs (default: text)")
-    p.add_argument("--workers", type=int, default=None, help="processes for pre-tokenizing (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
 
     p = add_command(
         group,

@@ -14,13 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lmforge.data.download import (
-    DATASETS,
-    DataSource,
-    RemoteFile,
-    download,
-    download_file,
-)
+from lmforge.data.download import DATASETS, DataSource, RemoteFile, download, download_file
 from lmforge.data.prepare import prepare, val_rule
 from lmforge.data.tokens import TokenData, token_dtype
 

@@ -1,48 +1,7 @@
 """Instruction and chat data: items -> prompt/response text -> masked next-token examples.
 
-Two text formats, each a template with one interface (`render`, `segments`,
-`item_segments`, `stop_strings`) that training and `ChatSession` both use, so a model
-is chatted with in the format it was tuned on:
-
-`AlpacaTemplate`, the format of Stanford Alpaca and LLMs-from-scratch ch07 (the book's
-`format_input` + "\\n\\n### Response:\\n", verbatim; Stanford's own prompt for items
-with an input says "...describes a task, paired with an input that provides further
-context..." instead, which we do not use)::
-
-    Below is an instruction that describes a task. Write a response that appropriately completes the request.
-
-    ### Instruction:
-    {instruction}
-
-    ### Input:                  <- only when the item's input is not empty
-    {input}
-
-    ### Response:
-    {output}
-
-A chat turn is an instruction and its reply a response; a system message replaces the
-first line, and later turns repeat the Instruction/Response blocks.
-
-`ChatTemplate`, for messages with roles system/user/assistant: each message is a role
-marker line and its content, messages joined by one newline, and the reply follows
-"<|assistant|>\\n"::
-
-    <|system|>
-    You are terse.
-    <|user|>
-    Hi
-    <|assistant|>
-    Hello.
-    <|user|>
-    Bye
-    <|assistant|>
-    {reply}
-
-The markers are plain text, not special tokens (`ChatSession` encodes text with
-specials as plain text, and training does the same), so the template works with any
-tokenizer. The end of a reply is the `<|endoftext|>` *id*, which training appends after
-the last assistant turn and generation stops at; earlier turns are followed by the next
-marker, as in a rendered history.
+The text formats are the chat templates of `lmforge.tokenizer.templates` (Alpaca,
+chat); this module reads the items, splits them and encodes them for training.
 
 Training sees `prompt + response + <|endoftext|>` with the prompt and response encoded
 separately, exactly as generation sees them (an encoded prompt, then new tokens), so
@@ -53,194 +12,22 @@ end-of-text token are learned, once.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import torch
 
-from lmforge.data.labeled import EpochSampler, split_sizes
+from lmforge.data.batches import EpochBatches
+from lmforge.data.labeled import split_sizes
 from lmforge.errors import LmforgeError
+from lmforge.ops.loss import IGNORE_INDEX  # the label the loss skips (-100, cross_entropy's default)
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.loss import IGNORE_INDEX  # the label the loss skips (-100, cross_entropy's default)
+from lmforge.tokenizer.templates import AlpacaTemplate, Template, check_messages
 
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-Message = Mapping[str, str]
-Segments = list[tuple[str, str]]
-
-
-# --- the Alpaca format --------------------------------------------------------------
-
-
-def format_alpaca(item: Mapping[str, Any], preamble: str = ALPACA_PREAMBLE) -> tuple[str, str]:
-    """(prompt, response) for an item with instruction, optional input and output (missing: "")."""
-    if "instruction" not in item:
-        raise LmforgeError(f"an Alpaca item needs an 'instruction' key; this one has {sorted(item)}")
-    prompt = f"{preamble}\n\n### Instruction:\n{item['instruction']}"
-    if item.get("input"):
-        prompt += f"\n\n### Input:\n{item['input']}"
-    return prompt + "\n\n### Response:\n", item.get("output") or ""
-
-
-def alpaca_messages(item: Mapping[str, Any]) -> list[dict[str, str]]:
-    """An Alpaca item as one user/assistant exchange (the input, if any, after a blank line)."""
-    user = item["instruction"] + (f"\n\n{item['input']}" if item.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": item.get("output") or ""}]
-
-
-# --- messages and templates ---------------------------------------------------------
-
-
-def check_messages(messages: Any, where: str = "messages") -> None:
-    """An optional system message, then user and assistant alternating, starting with user."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str):
-        raise LmforgeError(f"{where} must be a list of messages, got {type(messages).__name__}")
-    expected = "user"
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise LmforgeError(f"{where}[{i}] must be an object with 'role' and 'content', got {m!r:.100}")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise LmforgeError(f"{where}[{i}] has role {role!r}; the roles are {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise LmforgeError(f"{where}[{i}] content must be a string, got {type(content).__name__}")
-        if role == "system" and i == 0:
-            continue
-        if role != expected:
-            raise LmforgeError(
-                f"{where}[{i}] is a {role} message where a {expected} message belongs: a conversation is an "
-                "optional system message first, then user and assistant messages taking turns"
-            )
-        expected = "assistant" if role == "user" else "user"
-
-
-def session_messages(system: str | None, turns: Sequence[tuple[str, str]], user: str) -> list[dict[str, str]]:
-    """`ChatSession`'s state (system prompt, past (user, reply) turns, new message) as messages."""
-    messages = [{"role": "system", "content": system}] if system else []
-    for u, a in turns:
-        messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-    return messages + [{"role": "user", "content": user}]
-
-
-def _session_form(system: str | None, turns: Sequence[tuple[str, str]], user: str) -> None: ...
-def _messages_form(messages: Sequence[Message], add_generation_prompt: bool) -> None: ...
-
-
-_SESSION = inspect.signature(_session_form)
-_MESSAGES = inspect.signature(_messages_form)
-
-
-class _Template:
-    """A template is a list of text pieces, each prompt text or learned reply text."""
-
-    stop_strings: tuple[str, ...]
-
-    def _pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        raise NotImplementedError
-
-    def _checked_pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        check_messages(messages)
-        if add_generation_prompt and (not messages or messages[-1]["role"] != "user"):
-            raise LmforgeError("a generation prompt needs a conversation that ends with a user message")
-        return self._pieces(messages, add_generation_prompt)
-
-    @overload
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str: ...
-    @overload
-    def render(self, system: str | None, turns: Sequence[tuple[str, str]], user: str) -> str: ...
-    def render(self, *args: Any, **kwargs: Any) -> str:
-        """The text of `messages` (plus the reply's opening if `add_generation_prompt`).
-
-        Also takes `ChatSession`'s call, `render(system, turns, user)`: the system prompt,
-        the past (user, reply) turns and the new user message, with the generation prompt.
-        """
-        try:
-            s = _SESSION.bind(*args, **kwargs).arguments
-        except TypeError:
-            m = _MESSAGES.bind(*args, **kwargs).arguments
-            messages, generation = m["messages"], m["add_generation_prompt"]
-        else:
-            messages, generation = session_messages(s["system"], s["turns"], s["user"]), True
-        return "".join(text for text, _ in self._checked_pieces(messages, generation))
-
-    def segments(self, messages: Sequence[Message]) -> Segments:
-        """[(prompt, reply), ...], one per assistant message; joined they are the rendered text.
-
-        A prompt is everything since the previous reply: the text a model conditions on,
-        never learned. The conversation must end with an assistant message.
-        """
-        pieces = self._checked_pieces(messages, False)
-        if not messages or messages[-1]["role"] != "assistant":
-            raise LmforgeError("a training conversation must end with an assistant message (the reply to learn)")
-        out: Segments = []
-        prompt = ""
-        for text, learned in pieces:
-            if learned:
-                out.append((prompt, text))
-                prompt = ""
-            else:
-                prompt += text
-        return out
-
-    def item_segments(self, item: Mapping[str, Any]) -> Segments:
-        """The segments of an item from `read_instructions` (Alpaca or chat)."""
-        if "messages" in item:
-            return self.segments(item["messages"])
-        if "instruction" in item:
-            return self.segments(alpaca_messages(item))
-        raise LmforgeError(f"an item needs 'messages' or 'instruction'; this one has {sorted(item)}")
-
-
-@dataclass(frozen=True)
-class ChatTemplate(_Template):
-    """Role markers on their own lines (see the module docstring); replies end with <|endoftext|>."""
-
-    stop_strings: tuple[str, ...] = ("\n<|user|>",)
-
-    def _pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        pieces = []
-        for i, m in enumerate(messages):
-            sep = "\n" if i else ""
-            if m["role"] == "assistant":
-                pieces += [(f"{sep}<|assistant|>\n", False), (m["content"], True)]
-            else:
-                pieces.append((f"{sep}<|{m['role']}|>\n{m['content']}", False))
-        if add_generation_prompt:
-            pieces.append(("\n<|assistant|>\n", False))
-        return pieces
-
-
-@dataclass(frozen=True)
-class AlpacaTemplate(_Template):
-    """The Alpaca format as a chat: a turn is "### Instruction:", a reply "### Response:"."""
-
-    preamble: str = ALPACA_PREAMBLE
-    stop_strings: tuple[str, ...] = ("\n### Instruction:", "\n### Input:", "\n### Response:")
-
-    def _pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else self.preamble
-        pieces = [(system, False)]
-        for m in messages:
-            if m["role"] == "user":
-                pieces.append((f"\n\n### Instruction:\n{m['content']}", False))
-            elif m["role"] == "assistant":
-                pieces += [("\n\n### Response:\n", False), (m["content"], True)]
-        if add_generation_prompt:
-            pieces.append(("\n\n### Response:\n", False))
-        return pieces
-
-    def item_segments(self, item: Mapping[str, Any]) -> Segments:
-        """Alpaca items keep their "### Input:" section (`format_alpaca` with this preamble)."""
-        if "instruction" in item and "messages" not in item:
-            return [format_alpaca(item, self.preamble)]
-        return super().item_segments(item)
 
 
 # --- reading and splitting ----------------------------------------------------------
@@ -393,7 +180,7 @@ def pad_pairs(
     return x, y
 
 
-class InstructionBatches:
+class InstructionBatches(EpochBatches[tuple[torch.Tensor, torch.Tensor]]):
     """Items -> `(x, y)` int64 (B, T) batches padded per batch (x with the eot id, y with -100).
 
     `items` are dicts from `read_instructions` (turned into text by `template`, default
@@ -410,7 +197,7 @@ class InstructionBatches:
         *,
         batch_size: int,
         seed: int = 123,
-        template: _Template | None = None,
+        template: Template | None = None,
         mask_prompt: bool = True,
         max_length: int | None = None,
         pad_id: int | None = None,
@@ -418,9 +205,7 @@ class InstructionBatches:
         drop_last: bool = True,
     ) -> None:
         template = AlpacaTemplate() if template is None else template
-        self.pad_id = tokenizer.eot_id if pad_id is None else pad_id
-        if self.pad_id is None:
-            raise LmforgeError("this tokenizer has no <|endoftext|> to pad with; pass pad_id")
+        self.check_settings(tokenizer, pad_id, max_length)
         self.ignore_index = ignore_index
         self.examples: list[tuple[list[int], list[int]]] = []
         self.kept: list[int] = []
@@ -437,43 +222,7 @@ class InstructionBatches:
             self.kept.append(i)
         if not self.examples:
             raise LmforgeError(f"none of the {len(self.dropped)} examples has a response left to learn; raise max_length")
-        self.sampler = EpochSampler(len(self.examples), batch_size, seed, drop_last)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
+        super().__init__(len(self.examples), batch_size=batch_size, seed=seed, drop_last=drop_last)
 
     def collate(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_pairs([self.examples[i] for i in indices], self.pad_id, self.ignore_index)
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training batch `step`: a function of (seed, step) only."""
-        return self.collate(self.sampler.indices(step))
-
-    def iter_eval(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every kept example once, in order, the last batch possibly smaller."""
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise LmforgeError(f"batch_size must be a positive integer, got {batch_size!r}")
-        for start in range(0, len(self.examples), batch_size):
-            yield self.collate(range(start, min(start + batch_size, len(self.examples))))
-
-
-# --- which template a model was tuned with ----------------------------------------------
-
-TEMPLATES: dict[str, type[_Template]] = {"alpaca": AlpacaTemplate, "chat": ChatTemplate}
-
-
-def template_named(name: str) -> _Template:
-    """The template saved as `tokenizer.chat_template` by instruction tuning."""
-    if name not in TEMPLATES:
-        raise LmforgeError(f"unknown chat template {name!r}; lmforge knows {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]()
-
-
-def template_for(tokenizer: object | None) -> _Template | None:
-    """The chat template of an instruction-tuned model's tokenizer, or None for a base model."""
-    name = getattr(tokenizer, "chat_template", None)
-    return template_named(name) if name else None

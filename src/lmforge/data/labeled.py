@@ -26,7 +26,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,12 +35,12 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lmforge.data.batches import EXAMPLE_SPLITS, EpochBatches
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_text
 from lmforge.tokenizer import Tokenizer
 
 Format = Literal["auto", "label-tab-text", "csv", "tsv", "jsonl"]
-SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def balanced_split(
             share[c].append(base + (c in gets))
     splits: dict[str, list[Example]] = {}
     start = dict.fromkeys(classes, 0)
-    for j, name in enumerate(SPLIT_NAMES):
+    for j, name in enumerate(EXAMPLE_SPLITS):
         rows = []
         for c in classes:
             rows += kept[c][start[c] : start[c] + share[c][j]]
@@ -272,40 +272,6 @@ def save_split(splits: Mapping[str, Sequence[Example]], folder: str | os.PathLik
 
 
 # --- batching -----------------------------------------------------------------------
-
-
-class EpochSampler:
-    """Which rows make batch `step`: epochs of a seeded shuffle, stateless in the step.
-
-    Epoch e's order is `np.random.default_rng([seed, e]).permutation(n)`, batch k of an
-    epoch its k-th slice of `batch_size`. With `drop_last` (the default, as the book's
-    training loaders) the last partial slice is skipped so every batch is full.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = True) -> None:
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise LmforgeError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if seed < 0:
-            raise LmforgeError(f"seed must be a non-negative integer, got {seed}")
-        if n < (batch_size if drop_last else 1):
-            raise LmforgeError(f"{n} examples are too few for one batch of {batch_size}; lower the batch size")
-        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
-        self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
-        self._cached: tuple[int, np.ndarray] | None = None
-
-    def epoch(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return self._cached[1]
-
-    def indices(self, step: int) -> list[int]:
-        if step < 0:
-            raise LmforgeError(f"step must be non-negative, got {step}")
-        k = step % self.steps_per_epoch
-        return self.order(self.epoch(step))[k * self.batch_size : (k + 1) * self.batch_size].tolist()
 
 
 def pad_rows(
@@ -331,7 +297,7 @@ def pad_rows(
     return out, mask
 
 
-class ClassificationBatches:
+class ClassificationBatches(EpochBatches[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """Examples -> `(input_ids (B, T), attention_mask (B, T), labels (B,))`, all int64.
 
     Texts are encoded once (special-token strings as plain text), cut to their first
@@ -352,13 +318,9 @@ class ClassificationBatches:
         padding_side: Literal["right", "left"] = "right",
         drop_last: bool = True,
     ) -> None:
-        if max_length is not None and not (isinstance(max_length, int) and max_length >= 1):
-            raise LmforgeError(f"max_length must be a positive integer or None, got {max_length!r}")
         if padding_side not in ("right", "left"):
             raise LmforgeError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        self.pad_id = tokenizer.eot_id if pad_id is None else pad_id
-        if self.pad_id is None:
-            raise LmforgeError("this tokenizer has no <|endoftext|> to pad with; pass pad_id")
+        self.check_settings(tokenizer, pad_id, max_length)
         self.ids: list[list[int]] = []
         self.truncated = 0
         for i, ex in enumerate(examples):
@@ -370,26 +332,8 @@ class ClassificationBatches:
             self.ids.append(ids)
         self.labels = [ex.label for ex in examples]
         self.padding_side = padding_side
-        self.sampler = EpochSampler(len(self.ids), batch_size, seed, drop_last)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
+        super().__init__(len(self.ids), batch_size=batch_size, seed=seed, drop_last=drop_last)
 
     def collate(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, mask = pad_rows([self.ids[i] for i in indices], self.pad_id, self.padding_side)
         return x, mask, torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training batch `step`: a function of (seed, step) only."""
-        return self.collate(self.sampler.indices(step))
-
-    def iter_eval(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Every example once, in order, the last batch possibly smaller."""
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise LmforgeError(f"batch_size must be a positive integer, got {batch_size!r}")
-        for start in range(0, len(self.ids), batch_size):
-            yield self.collate(range(start, min(start + batch_size, len(self.ids))))

@@ -34,18 +34,11 @@ from tqdm.auto import tqdm
 
 from lmforge import __version__
 from lmforge.corpus import ReadStats, iter_documents, resolve_inputs
-from lmforge.data.tokens import (
-    FORMAT,
-    META_FILE,
-    SPLITS,
-    VERSION,
-    TokenData,
-    token_dtype,
-)
+from lmforge.data.tokens import FORMAT, FORMAT_VERSION, META_FILE, TOKEN_SPLITS, TokenData, token_dtype
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, atomic_write_text
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
-from lmforge.tokenizer.tokenizer import FILENAME as TOKENIZER_FILE
+from lmforge.tokenizer.tokenizer import TOKENIZER_FILE
 
 _TASK_CHARS = 1 << 20  # text per encoding task: one file chunk, or many short JSONL documents
 _BUFFER_TOKENS = 1 << 21  # tokens held per split between writes (4 MB as uint16)
@@ -207,7 +200,7 @@ def prepare(
     stats = ReadStats()
     bar = tqdm(total=sum(p.stat().st_size for p in paths), desc="prepare", unit="B", unit_scale=True, disable=not progress, leave=False)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        files = {split: _TokenFile(tmp / f"{split}.bin", dtype) for split in SPLITS}
+        files = {split: _TokenFile(tmp / f"{split}.bin", dtype) for split in TOKEN_SPLITS}
         encoder = _Encoder(tokenizer, eot_id, num_threads or os.cpu_count() or 1, lambda: bar.update(stats.bytes - bar.n))
         try:
             for i, document in enumerate(iter_documents(paths, stats, text_field)):
@@ -234,7 +227,7 @@ def prepare(
         tokenizer.save(tmp)
         meta = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": eot_id,

@@ -18,9 +18,9 @@ from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge.tokens"
-VERSION = 1
+FORMAT_VERSION = 1
 META_FILE = "meta.json"
-SPLITS = ("train", "val")
+TOKEN_SPLITS = ("train", "val")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -50,7 +50,7 @@ class TokenData:
     def open(cls, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> TokenData:
         path = Path(path)
         data = cls(path, _read_meta(path))
-        for split in SPLITS:
+        for split in TOKEN_SPLITS:
             data._check_size(split)
         if tokenizer is not None and tokenizer.fingerprint != data.tokenizer_fingerprint:
             t = data.meta["tokenizer"]
@@ -125,14 +125,14 @@ def _read_meta(path: Path) -> dict:
         raise LmforgeError(f"{file} is truncated or not JSON ({e}); re-run `lmforge data prepare`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LmforgeError(f"{file} is not lmforge token metadata (format {FORMAT!r}); was {path} made by `lmforge data prepare`?")
-    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-        raise LmforgeError(f"{file} has format version {meta.get('version')!r}; this lmforge reads up to {VERSION}: upgrade lmforge")
+    if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
+        raise LmforgeError(f"{file} has format version {meta.get('version')!r}; this lmforge reads up to {FORMAT_VERSION}: upgrade lmforge")
     try:
         ok = (
             meta["dtype"] in DTYPES
             and all(isinstance(meta[k], int) for k in ("vocab_size", "eot_id"))
             and all(isinstance(meta["tokenizer"][k], str) for k in ("name", "fingerprint", "file"))
-            and all(isinstance(meta["splits"][s]["file"], str) and isinstance(meta["splits"][s]["tokens"], int) for s in SPLITS)
+            and all(isinstance(meta["splits"][s]["file"], str) and isinstance(meta["splits"][s]["tokens"], int) for s in TOKEN_SPLITS)
         )
     except (KeyError, TypeError):
         ok = False

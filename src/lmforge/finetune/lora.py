@@ -13,39 +13,26 @@ same tensor, never copied. The base output comes from `super().forward(x)`, so a
 subclass of another linear layer (the 4-bit `Linear4bit`, whose forward dequantizes)
 gets LoRA by inheritance: `class LoRALinear4bit(LoRALinear, Linear4bit)`.
 
-Files: an adapter folder holds `adapter.safetensors` (A, B and any extra trained
-tensors, such as a classifier head) and `adapter_config.json` (the LoRA settings and
-the base's config, so an adapter is never applied to a model it was not made for).
 `merge_lora` folds the adapters into plain `nn.Linear` weights, giving a normal model
-folder with `save_pretrained`.
+folder with `save_pretrained`; adapter folders (save, load) are `lmforge.finetune.adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_output_dir
-
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-FORMAT = "lmforge.lora"
-FORMAT_VERSION = 1
+from lmforge.fields import dataclass_from_dict, field_names
 
 # Target names are the layers' own names in `lmforge.model`. The GPT-2 family's MLP is
 # fc -> proj where Llama's is gate/up -> down: `up` and `fc` are the same target, as
@@ -53,9 +40,6 @@ FORMAT_VERSION = 1
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "fc", "proj")
 ALL_LINEAR = "all-linear"
 _ALIASES = {"up": ("up", "fc"), "fc": ("up", "fc"), "down": ("down", "proj"), "proj": ("down", "proj")}
-# Config fields that do not change what the weights compute: an adapter made on a
-# base with other values here still fits it.
-_BASE_FIELDS_IGNORED = ("name", "dropout", "attention")
 
 
 # --- settings --------------------------------------------------------------------------
@@ -108,11 +92,14 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LmforgeError(f"unknown LoRA setting(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "LoRA config", key="LoRA setting")
+
+    @classmethod
+    def from_adapter_config(cls, meta: dict[str, Any]) -> LoRAConfig:
+        """The LoRA settings of an adapter folder's adapter_config.json (`save_adapter`
+        writes them as top-level keys beside the base, its config and the format); its
+        other keys are not settings, and a setting it lacks takes its default."""
+        return cls.from_dict({k: meta[k] for k in field_names(cls) if k in meta})
 
 
 # --- the layer ---------------------------------------------------------------------------
@@ -326,7 +313,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, trainable: Sequence[str] = ())
     """Add adapters to the layers `cfg.targets` selects, in place, and freeze the rest.
 
     Only the adapters train, plus the parameters whose names start with one of
-    `trainable` (e.g. a classifier head, or "norm_f"); each prefix must name something.
+    `trainable` (e.g. the classification head "score", or "norm_f"); each prefix must name something.
     The base weights stay the same tensors. Returns the counts (print it).
     """
     trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
@@ -403,10 +390,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-# --- adapter folders -------------------------------------------------------------------------
+# --- the adapters' tensors ---------------------------------------------------------------
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter file holds: every LoRA A and B, and every other trainable
-    parameter (a classifier head, a norm), by its name in the model."""
+    parameter (the classification head, a norm), by its name in the model."""
     lora = {}
     for name, layer in lora_layers(model):
         lora[f"{name}.lora_a"] = layer.lora_a
@@ -414,205 +401,3 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     lora_ids = {id(t) for t in lora.values()}
     extra = {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids}
     return {k: t.detach() for k, t in {**lora, **extra}.items()}
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """True for a folder `save_adapter` wrote (so `lmforge.load` can load base + adapter)."""
-    p = Path(path)
-    return p.is_dir() and (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_WEIGHTS).is_file()
-
-
-def _base_config_dict(model: nn.Module) -> dict[str, Any] | None:
-    config = getattr(model, "config", None)
-    return config.to_dict() if config is not None and hasattr(config, "to_dict") else None
-
-
-def save_adapter(
-    model: nn.Module,
-    path: str | os.PathLike,
-    base: str | os.PathLike | None,
-    cfg: LoRAConfig,
-    *,
-    quantize: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write the adapter folder: adapter.safetensors + adapter_config.json, all or nothing.
-
-    `base` names the model the adapter belongs on (a folder, stored as an absolute path,
-    or a name); `lmforge lora merge` uses it when --base is omitted. `quantize` ("nf4")
-    records that the adapter was trained over a quantized base, so `load_adapted`
-    rebuilds that same model. An existing adapter folder (or an empty one) is replaced;
-    any other existing folder only with `overwrite`.
-    """
-    import lmforge
-
-    layers = lora_layers(model)
-    if not layers:
-        raise LmforgeError("the model has no LoRA adapters to save; call apply_lora (or load_adapter) first")
-    expected = resolve_targets(model, cfg.targets)
-    have = [name for name, _ in layers]
-    if expected != have or any(layer.r != cfg.r or layer.scale != cfg.scale for _, layer in layers):
-        raise LmforgeError(
-            f"the LoRA settings given (r={cfg.r}, alpha={cfg.alpha}, targets={list(cfg.targets)}) are not the ones the "
-            f"model's adapters were made with (r={layers[0][1].r}, {len(have)} layers); pass the LoRAConfig given to apply_lora"
-        )
-    tensors = {k: t.to("cpu").contiguous() for k, t in adapter_state_dict(model).items()}
-    lora_keys = {f"{n}.lora_{ab}" for n in have for ab in "ab"}
-    if base is not None and Path(base).exists():
-        base = str(Path(base).resolve())
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        **cfg.to_dict(),
-        "base": None if base is None else str(base),
-        "base_config": _base_config_dict(model),
-        "quantize": quantize,
-        "trainable": sorted(k for k in tensors if k not in lora_keys),
-        "lmforge_version": lmforge.__version__,
-    }
-    path = Path(path)
-    replace = overwrite or is_adapter_dir(path) or (path.is_dir() and not any(path.iterdir()))
-    with atomic_output_dir(path, overwrite=replace) as tmp:
-        (tmp / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """adapter_config.json of an adapter folder, checked to be ours."""
-    file = Path(path) / ADAPTER_CONFIG
-    if not file.is_file():
-        raise LmforgeError(f"{path} is not a LoRA adapter folder: no {ADAPTER_CONFIG} (save_adapter writes one)")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{file} is truncated or not JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LmforgeError(f"{file} is not an lmforge LoRA adapter (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise LmforgeError(
-            f"{file} has adapter format version {meta['version']}; this lmforge reads up to {FORMAT_VERSION}: upgrade lmforge"
-        )
-    return meta
-
-
-def _check_base(meta: dict[str, Any], model: nn.Module, source: str) -> None:
-    saved, ours = meta.get("base_config"), _base_config_dict(model)
-    if saved is None or ours is None:
-        return
-    diff = [
-        f"{k}={saved.get(k)!r} (adapter) vs {ours.get(k)!r} (this model)"
-        for k in sorted(set(saved) | set(ours))
-        if k not in _BASE_FIELDS_IGNORED and saved.get(k) != ours.get(k)
-    ]
-    if diff:
-        where = f" (recorded base: {meta['base']})" if meta.get("base") else ""
-        raise LmforgeError(f"adapter {source} was made for a different base model: {'; '.join(diff[:6])}; load it onto its own base{where}")
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:
-    """Apply the adapter folder `path` to `model` (a base, or a model already adapted the
-    same way) and load its tensors. The base's config must match the adapter's, and every
-    tensor must be present with its shape: otherwise a clear error and nothing loaded."""
-    path = Path(path)
-    meta = read_adapter_config(path)
-    cfg = LoRAConfig.from_dict({f.name: meta[f.name] for f in dataclasses.fields(LoRAConfig) if f.name in meta})
-    _check_base(meta, model, str(path))
-    file = path / ADAPTER_WEIGHTS
-    try:
-        tensors = load_file(file)
-    except (SafetensorError, OSError) as e:
-        raise LmforgeError(f"{file} is not a readable safetensors file ({e}); it may be truncated") from None
-    extras = list(meta.get("trainable", []))
-    params = dict(model.named_parameters(remove_duplicate=False))
-    missing_extras = [k for k in extras if k not in params]
-    if missing_extras:
-        raise LmforgeError(f"adapter {path} holds {missing_extras} which this model lacks (add that head before loading the adapter)")
-    # the names and shapes the model expects, checked before anything changes: an adapter
-    # made for other targets or another rank fails here
-    from lmforge.pretrained import check_tensors
-
-    adapted = lora_layers(model)
-    if adapted:
-        expected = {f"{n}.lora_{ab}": tuple(getattr(layer, f"lora_{ab}").shape) for n, layer in adapted for ab in "ab"}
-    else:
-        modules = dict(model.named_modules())
-        expected = {}
-        for n in resolve_targets(model, cfg.targets):
-            expected[f"{n}.lora_a"] = (cfg.r, modules[n].in_features)
-            expected[f"{n}.lora_b"] = (modules[n].out_features, cfg.r)
-    check_tensors(tensors, expected | {k: tuple(params[k].shape) for k in extras}, f"adapter {file}")
-    if not adapted:
-        apply_lora(model, cfg, trainable=extras)
-    targets = {f"{n}.lora_{ab}": getattr(layer, f"lora_{ab}") for n, layer in lora_layers(model) for ab in "ab"}
-    targets |= {k: params[k] for k in extras}
-    with torch.no_grad():
-        for k, t in targets.items():
-            t.copy_(tensors[k])
-    return cfg
-
-
-def load_adapted(
-    adapter: str | os.PathLike,
-    base: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    quantize: bool | None = None,
-) -> nn.Module:
-    """Base model + adapter folder -> the adapted model (with the base's tokenizer), in eval mode.
-
-    `base` defaults to the one recorded in the adapter; it is loaded with `lmforge.load`
-    (our folder, Hugging Face, llama2.c, a training run). `quantize` None follows the
-    adapter: one trained over an NF4 base (QLoRA) gets the base quantized the same way,
-    which reproduces the model it was trained and evaluated as; False keeps the base
-    dense (what merging wants). A classifier's adapter gets its label head back.
-    """
-    from lmforge.pretrained import load
-
-    meta = read_adapter_config(adapter)
-    if base is None:
-        base = meta.get("base")
-        if base is None:
-            raise LmforgeError(f"adapter {adapter} does not record its base model; name it (--base DIR)")
-        if not Path(base).exists():
-            raise LmforgeError(f"adapter {adapter} was made on {base}, which is not here; name the base (--base DIR)")
-    model = load(base, device=device)
-    labels = (meta.get("base_config") or {}).get("labels")
-    if labels and getattr(model.config, "labels", None) != labels:
-        if "score.weight" not in meta.get("trainable", []):
-            raise LmforgeError(f"adapter {adapter} classifies into {labels} but holds no trained label head (score.weight)")
-        model = _with_labels(model, labels)
-    scheme = meta.get("quantize")
-    if scheme and quantize is not False:
-        if scheme != "nf4":
-            raise LmforgeError(f"adapter {adapter} was trained over a {scheme!r} base, which this lmforge cannot rebuild (it knows nf4)")
-        from lmforge.finetune.nf4 import quantize_model
-
-        quantize_model(model)
-    load_adapter(model, adapter)
-    from lmforge.pretrained import load_tokenizer
-
-    tokenizer = load_tokenizer(Path(adapter))  # a training run's adapter carries its tokenizer (and chat template)
-    if tokenizer is not None:
-        model.tokenizer = tokenizer
-    return model.eval()
-
-
-def _with_labels(model: nn.Module, labels: list[str]) -> nn.Module:
-    """The base rebuilt with a (still empty) classification head for `labels`; the
-    adapter file holds the head's trained weights."""
-    from lmforge.model import GPT
-
-    tokenizer = getattr(model, "tokenizer", None)
-    with torch.device("meta"):
-        fresh = GPT(model.config.replace(labels=list(labels)))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
-    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
-    if unexpected or any(not k.startswith("score.") for k in missing):
-        raise LmforgeError(f"could not rebuild the base with a label head: missing {missing}, unexpected {unexpected}")
-    fresh.score.to_empty(device=model.tok_emb.weight.device)
-    fresh.score.to(model.tok_emb.weight.dtype)
-    from lmforge.pretrained import _finish
-
-    fresh = _finish(fresh, model.tok_emb.weight.device)
-    fresh.tokenizer = tokenizer
-    return fresh.eval()

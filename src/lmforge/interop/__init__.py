@@ -1,1 +1,10 @@
-"""Weights from elsewhere: Hugging Face folders (`hf.py`), OpenAI's GPT-2 layout, llama2.c."""
+"""Models from elsewhere, in their own files' layouts, to and from our GPT.
+
+- `hf.py`: Hugging Face folders (GPT2LMHeadModel, LlamaForCausalLM): config.json, the
+  state-dict names and layouts, safetensors weights (sharded or not; never a pickle).
+- `hf_tokenizer.py`: the tokenizer files beside them (tokenizer.json, vocab.json +
+  merges.txt) <-> our byte-level BPE `Tokenizer`, read and written exactly or not at all.
+- `openai_gpt2.py`: OpenAI's original GPT-2 release (TensorFlow variable names), renamed
+  to Hugging Face's GPT-2 names and read through `hf.py`.
+- `llama2c.py`: llama2.c's `.bin` checkpoints (read only).
+"""

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import from_hf_state_dict, read_json
+from lmforge.interop.hf import from_hf_state_dict
+from lmforge.interop.hf_tokenizer import read_json
 from lmforge.model import GPT
-from lmforge.pretrained import check_tensors
 from lmforge.tokenizer import from_gpt2_files
+from lmforge.weights import check_tensors
 
 HPARAMS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 Array = np.ndarray | torch.Tensor

@@ -1,50 +1,20 @@
 """A chat session: history in, streamed reply out, over the `Engine`.
 
-How turns become tokens is the template's job. An instruction-tuned model names the
-template it learned in its tokenizer (`tokenizer.chat_template`: the Alpaca or the chat
-format of `lmforge.data.instruct`); a base model gets `PlainTranscript`, a transcript
-it can continue ("User: ...\\nAssistant: ..."), and the reply ends where the model
-starts the user's next line.
+How turns become tokens is the template's job (`lmforge.tokenizer.templates`): an
+instruction-tuned model names the template it learned in its tokenizer
+(`tokenizer.chat_template`), a base model gets `PlainTranscript`, a transcript it can
+continue, whose reply ends where the model starts the user's next line;
+`template_for(tokenizer)` picks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from lmforge.engine import Engine, end_of_text_ids
+from lmforge.engine import Engine, SamplingParams, end_of_text_ids
 from lmforge.errors import LmforgeError
-from lmforge.sampling import SamplingParams
-
-
-class Template(Protocol):
-    """What a chat session needs of a template."""
-
-    stop_strings: tuple[str, ...]
-
-    def render(self, system: str | None, turns: list[tuple[str, str]], user: str) -> str: ...
-
-
-@dataclass
-class PlainTranscript:
-    """The fallback template: a plain-text transcript."""
-
-    stop_strings: tuple[str, ...] = ("\nUser:",)
-
-    def render(self, system: str | None, turns: list[tuple[str, str]], user: str) -> str:
-        lines = [system.strip(), ""] if system else []
-        for u, a in turns:
-            lines += [f"User: {u}", f"Assistant: {a}"]
-        lines += [f"User: {user}", "Assistant:"]
-        return "\n".join(lines)
-
-
-def template_for_model(tokenizer: object | None) -> Template:
-    """The template the model was tuned with (see `lmforge.data.instruct`), else a transcript."""
-    from lmforge.data.instruct import template_for
-
-    return template_for(tokenizer) or PlainTranscript()
+from lmforge.tokenizer.templates import PlainTranscript, Template, session_messages
 
 
 @dataclass
@@ -71,7 +41,7 @@ class ChatSession:
         reserve = min(self.max_new_tokens, context // 2)  # room for the reply; at least half the context for the history
         budget = context - reserve
         while True:
-            prompt = tok.encode(self.template.render(self.system, self.turns, user))
+            prompt = tok.encode(self.template.render(session_messages(self.system, self.turns, user), add_generation_prompt=True))
             if len(prompt) <= budget or not self.turns:
                 break
             self.turns.pop(0)  # forget the oldest turn

@@ -28,13 +28,13 @@ import tiktoken
 
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_text
+from lmforge.tokenizer.bpe import bpe_merge, split_surrogates
 from lmforge.tokenizer.bytes_unicode import bytes_to_printable, printable_to_bytes
 from lmforge.tokenizer.patterns import GPT2_PATTERN
-from lmforge.tokenizer.reference import bpe_merge, split_surrogates
 
 FORMAT = "lmforge.tokenizer"
-VERSION = 1
-FILENAME = "tokenizer.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
 ENDOFTEXT = "<|endoftext|>"
 SpecialSet = Literal["all"] | Collection[str]
 
@@ -212,7 +212,7 @@ class Tokenizer:
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": FORMAT_VERSION,
             "name": self.name,
             "pattern": self.pattern,
             "byte_order": self.byte_order,
@@ -230,7 +230,7 @@ class Tokenizer:
             elif isinstance(d, Mapping) and d and all(isinstance(v, int) for v in list(d.values())[:100]):
                 hint = " (it looks like GPT-2's encoder.json: import it with `lmforge tokenizer from-gpt2`)"
             raise LmforgeError(f"{source} is not an lmforge tokenizer file{hint}")
-        if d.get("version", 0) > VERSION:
+        if d.get("version", 0) > FORMAT_VERSION:
             raise LmforgeError(f"{source} was written by a newer lmforge (format version {d['version']}); upgrade lmforge")
         try:
             byte_order = [int(b) for b in d["byte_order"]]
@@ -248,7 +248,7 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into the folder `path` (or to `path` itself if it ends in .json)."""
         path = Path(path)
-        file = path if path.suffix == ".json" else path / FILENAME
+        file = path if path.suffix == ".json" else path / TOKENIZER_FILE
         atomic_write_text(file, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
         return file
 
@@ -256,10 +256,10 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Load from a folder holding `tokenizer.json` or from the file itself."""
         path = Path(path)
-        file = path / FILENAME if path.is_dir() else path
+        file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise LmforgeError(
-                f"no tokenizer at {path} (expected a folder with {FILENAME} or a .json file); "
+                f"no tokenizer at {path} (expected a folder with {TOKENIZER_FILE} or a .json file); "
                 "make one with `lmforge tokenizer train` or `lmforge tokenizer from-gpt2`"
             )
         try:

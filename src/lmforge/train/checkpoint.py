@@ -12,18 +12,20 @@ A run folder holds `checkpoints/step-00000120/` (the step, 8 digits) with:
 - `manifest.json`, written last: the step, the validation loss and every other file's
   size and sha256, so a truncated or altered file is found before it is used.
 
-Why a folder is written whole or not at all: it is built in a hidden temporary folder
-beside the final one, every file and folder fsynced, then renamed into place. A crash
-mid-write leaves only a hidden `.step-*.tmp-*` folder, which `list_checkpoints` never
-returns and the next save removes. Re-saving a step swaps the folders atomically.
+Why a folder is written whole or not at all: it is written with `lmforge.io.atomic_dir`,
+built in a hidden temporary folder beside the final one, every file and folder fsynced,
+then renamed into place. A crash mid-write leaves only a hidden `.step-*.tmp-*` folder,
+which `list_checkpoints` never returns and the next save removes. Re-saving a step swaps
+the folders atomically (or, where the system cannot, moves the old one aside as
+`.step-*.old-*` first, which the next save puts back if the new one never landed).
+Retention hides a folder (`.step-*.del-*`) before deleting it.
 
-One writer per run folder (rank 0): a save removes hidden leftovers it finds there.
+One writer per run folder (rank 0): a save repairs or removes hidden leftovers it finds
+there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import datetime
 import hashlib
 import json
@@ -31,9 +33,6 @@ import math
 import os
 import random
 import re
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +45,8 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
-from lmforge.io import fsync_dir
-from lmforge.pretrained import WEIGHTS, check_tensors, expected_shapes
+from lmforge.io import atomic_dir, fsync_dir, recover_leftovers, remove_dir
+from lmforge.weights import WEIGHTS, check_tensors, expected_shapes
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -57,14 +56,13 @@ OPTIMIZER_JSON = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 TRAINER_JSON = "trainer.json"
 FORMAT = "lmforge.checkpoint"
-VERSION = 1
+FORMAT_VERSION = 1
 # Files every checkpoint has: a manifest that does not list them is not ours. The model
 # folder holds the full weights (model.safetensors + config.json) or, for a run that
 # trains adapters over a frozen base, only what it trains (the recipe's `write_model`).
 REQUIRED = (TRAINER_JSON,)
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
-_HIDDEN = re.compile(r"\.(step-\d{8,})\.(tmp|old|del)-.*")
 
 
 class CheckpointError(LmforgeError):
@@ -261,14 +259,12 @@ def save_checkpoint(
     if optimizer_state is not None:
         optim_json = json.dumps(_encode(optimizer_state, "", optim_tensors), indent=1)
 
-    run_dir = Path(run_dir)
-    ckdir = run_dir / CHECKPOINTS
-    if not ckdir.is_dir():
-        ckdir.mkdir(parents=True, exist_ok=True)
-        fsync_dir(run_dir)
+    ckdir = Path(run_dir) / CHECKPOINTS
     final = ckdir / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckdir))
-    try:
+    # every step's leftovers, not only this one's: a killed save of another step, or an
+    # older checkpoint a crash left moved aside mid-replace (put back before retention)
+    recover_leftovers(ckdir, _is_step_name)
+    with atomic_dir(final) as tmp:
         model_dir = tmp / MODEL_DIR
         model_dir.mkdir()
         if write_model is not None:
@@ -290,23 +286,20 @@ def save_checkpoint(
         }
         manifest = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": FORMAT_VERSION,
             "step": step,
             "val_loss": val,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(ckdir)
-    _clean_leftovers(ckdir)
     if keep_last:
         _retain(ckdir, keep_last, final)
     return final
+
+
+def _is_step_name(name: str) -> bool:
+    return _STEP_DIR.fullmatch(name) is not None
 
 
 def _sha256(path: Path) -> str:
@@ -317,66 +310,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
-    """Every file under `root` on disk, then every folder's entries (deepest first)."""
-    dirs = [root]
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        elif p.is_dir():
-            dirs.append(p)
-    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
-        fsync_dir(d)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two folders in one atomic step (Linux renameat2 RENAME_EXCHANGE); False
-    where the system or file system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Make the folder `src` be `dst`, whether or not `dst` exists, atomically where possible."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    if _exchange(src, dst):  # src now holds the old checkpoint, under its hidden name
-        shutil.rmtree(src, ignore_errors=True)
-        return
-    # Two renames: a crash between them leaves the old one as `.step-*.old-*`, which the
-    # next save puts back (see _clean_leftovers).
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _clean_leftovers(ckdir: Path) -> None:
-    """Remove the hidden folders interrupted saves and deletions left; an `.old` one
-    whose checkpoint is gone (a crash mid-replace) is put back instead."""
-    for p in ckdir.iterdir():
-        m = _HIDDEN.fullmatch(p.name)
-        if not m or not p.is_dir():
-            continue
-        target = ckdir / m.group(1)
-        if m.group(2) == "old" and not target.exists() and (p / MANIFEST).is_file():
-            with contextlib.suppress(OSError):  # if it cannot go back, keep it: it may be the only copy
-                os.replace(p, target)
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-    fsync_dir(ckdir)
-
-
 def _retain(ckdir: Path, keep_last: int, just_saved: Path) -> None:
     ckpts = list_checkpoints(ckdir)
     keep = set(ckpts[-keep_last:]) | {just_saved}
@@ -385,18 +318,8 @@ def _retain(ckdir: Path, keep_last: int, just_saved: Path) -> None:
         keep.add(min(scored, key=lambda s: (s[0], s[1]))[2])
     for p in ckpts:
         if p not in keep:
-            _remove_dir(p)
+            remove_dir(p)  # hidden first: a crash mid-delete leaves nothing list_checkpoints returns
     fsync_dir(ckdir)
-
-
-def _remove_dir(path: Path) -> None:
-    """Hide first, then delete: a crash mid-delete leaves nothing `list_checkpoints` returns."""
-    hidden = path.with_name(f".{path.name}.del-{os.getpid()}-{random.SystemRandom().getrandbits(32):08x}")
-    try:
-        os.replace(path, hidden)
-    except OSError:
-        hidden = path
-    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _manifest_val_loss(path: Path) -> float | None:
@@ -452,9 +375,9 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(path, f"{MANIFEST} is truncated or not JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(path, f"{MANIFEST} is not an lmforge checkpoint manifest")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > FORMAT_VERSION:
         raise LmforgeError(
-            f"checkpoint {path} has format version {manifest.get('version')!r}; this lmforge reads up to {VERSION}: upgrade lmforge"
+            f"checkpoint {path} has format version {manifest.get('version')!r}; this lmforge reads up to {FORMAT_VERSION}: upgrade lmforge"
         )
     return manifest
 

@@ -24,7 +24,7 @@ import contextlib
 import inspect
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from lmforge.device import pick_device
 from lmforge.errors import LmforgeError
+from lmforge.weights import check_tensors
 
 STRATEGIES = ("ddp", "fsdp")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -52,6 +53,16 @@ class DistInfo:
     def is_main(self) -> bool:
         """Rank 0 alone prints, logs and writes checkpoints, so files are written once."""
         return self.rank == 0
+
+    def main_only(self, say: Callable[[str], object]) -> Callable[[str], object]:
+        """`say` on the main process, silence on the others: one report per run, not per rank."""
+        return say if self.is_main else (lambda _: None)
+
+    @staticmethod
+    def launched_rank() -> int:
+        """This process's rank as torchrun set it (0 when not launched by torchrun), for
+        code that runs before or after the process group exists."""
+        return _env_int("RANK") or 0
 
     @property
     def enabled(self) -> bool:
@@ -234,20 +245,22 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The GPT inside: through DDP's `.module` and torch.compile's `._orig_mod`.
+    """The GPT inside: through torch.compile's `._orig_mod` and DDP's `.module`.
 
     FSDP2 wraps nothing (it changes the model in place), so an FSDP model is returned
     as is; its forward still gathers the shards, so every rank must run it together.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    while True:
-        if isinstance(model, DDP):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    model = _inside_compile(model)
+    return _inside_compile(model.module) if isinstance(model, DDP) else model
+
+
+def _inside_compile(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (`._orig_mod`), or `model` itself."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
 
 
 @contextlib.contextmanager
@@ -269,8 +282,7 @@ def no_sync(model: nn.Module, active: bool) -> Iterator[None]:
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    while not isinstance(model, DDP) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod  # torch.compile's wrapper: the DDP or FSDP module is inside
+    model = _inside_compile(model)  # the DDP or FSDP module is inside torch.compile's wrapper
     if _is_fsdp(model):
         model.set_requires_gradient_sync(not active)
         yield
@@ -394,11 +406,7 @@ def load_full_state(
     `optimizer_state` None loads the weights only; `model_state` None the optimizer only
     (the weights already in place).
     """
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, set_state_dict
 
     inner = unwrap(model)
     options = _options(broadcast_from_rank0=False)
@@ -421,12 +429,7 @@ def load_full_state(
 
 def _check_model_state(inner: nn.Module, model_state: dict[str, torch.Tensor]) -> None:
     expected = {k: tuple(v.shape) for k, v in inner.state_dict().items()}  # global shapes, also for DTensors
-    missing, unexpected = sorted(set(expected) - set(model_state)), sorted(set(model_state) - set(expected))
-    wrong = [f"{k} {tuple(model_state[k].shape)} (model: {expected[k]})" for k in expected if k in model_state and tuple(model_state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for label, names in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
-        raise LmforgeError(f"the checkpoint's weights do not fit this model ({'; '.join(parts)}); was it written for another preset?")
+    check_tensors(model_state, expected, "the checkpoint", against="this model (was it written for another preset?)")
 
 
 def _check_optimizer_state(inner: nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmforge.engine import Engine
+from lmforge.engine import Engine, SamplingParams
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.sampling import SamplingParams
 from lmforge.train.checkpoint import capture_rng, find_resumable, read_checkpoint, restore_rng, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_mean, barrier, full_state, load_full_state, no_sync, unwrap, wrap_model
@@ -145,7 +144,7 @@ class Trainer:
             raise LmforgeError("the trainer needs cfg.max_steps; the recipe derives it from --max-tokens")
         self.cfg, self.info, self.tokenizer = cfg, info, tokenizer
         self.batch, self.eval_batches, self.loss_fn = batch, eval_batches, loss_fn
-        self.say = say if info.is_main else (lambda _: None)
+        self.say = info.main_only(say)
         self.progress = progress and info.is_main
         self.out = Path(cfg.out)
         self.device = info.device

@@ -9,10 +9,8 @@ B see exactly the windows one process with batch N x B sees.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
@@ -20,8 +18,8 @@ from lmforge.config import Config
 from lmforge.data.tokens import TokenData
 from lmforge.data.windows import RandomWindows
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_write_text
 from lmforge.model import GPT
+from lmforge.recipes.common import start_run
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, init_distributed, shutdown
 from lmforge.train.loop import Batch, Trainer, TrainResult
@@ -37,7 +35,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> Config:
     return Config.from_name(cfg.preset, **overrides)
 
 
-def steps_for(cfg: TrainConfig, context_length: int, world_size: int) -> int:
+def budget_steps(cfg: TrainConfig, context_length: int, world_size: int) -> int:
     """Optimizer steps: --max-steps, else the token budget over tokens per step."""
     if cfg.max_steps:
         return cfg.max_steps
@@ -58,12 +56,12 @@ def windows(data: TokenData, split: str, context_length: int, cfg: TrainConfig, 
 def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, progress: bool = True) -> Trainer:
     """Everything a run needs, ready to `fit()`."""
     cfg.validate()
-    say = say if info.is_main else (lambda _: None)
+    say = info.main_only(say)
     data = TokenData.open(cfg.data)
     tokenizer = data.tokenizer()
     config = model_config(cfg, data.vocab_size)
     ctx = config.context_length
-    cfg = dataclasses.replace(cfg, max_steps=steps_for(cfg, ctx, info.world_size))
+    cfg = dataclasses.replace(cfg, max_steps=budget_steps(cfg, ctx, info.world_size))
     train = windows(data, "train", ctx, cfg, cfg.seed, info)
     val = windows(data, "val", ctx, cfg, cfg.seed + EVAL_SEED_OFFSET, info)
 
@@ -85,9 +83,7 @@ def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, 
         f"training: {cfg.max_steps:,} steps x {tokens_per_step:,} tokens ({cfg.batch_size} x {ctx} x {cfg.grad_accum} accum"
         f"{f' x {info.world_size} processes' if info.world_size > 1 else ''}) on {info.device}"
     )
-    if info.is_main:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(cfg.out) / "run.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    start_run(cfg, info)
     return Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer, say=say, progress=progress)
 
 

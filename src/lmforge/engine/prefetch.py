@@ -18,7 +18,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Sequence
-from typing import Self
 
 import torch
 from torch import nn
@@ -49,7 +48,7 @@ class WeightPrefetcher:
             while (index := self._queue.get()) is not None:
                 self._order[index].sum()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> WeightPrefetcher:
         self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
         self._thread = threading.Thread(target=self._work, name="lmforge-prefetch", daemon=True)

@@ -1,6 +1,7 @@
-"""The model a fine-tuning run starts from, and which of its weights learn.
+"""What every recipe shares: the run folder and its `run.json`, rank-0 reporting, and for
+fine-tuning the model a run starts from and which of its weights learn.
 
-Shared by every recipe: load the base (any folder `lmforge.load` reads), give it a
+Fine-tuning recipes load the base (any folder `lmforge.load` reads), give it a
 classification head when the task has labels, then pick the trainable weights: all of
 them, the last N blocks (with the final norm and the head), or LoRA adapters over a
 frozen base, optionally held in 4 bits (QLoRA).
@@ -8,21 +9,32 @@ frozen base, optionally held in 4 bits (QLoRA).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lmforge.data.batches import EXAMPLE_SPLITS, EpochBatches
 from lmforge.errors import LmforgeError
-from lmforge.finetune.config import FinetuneConfig
-from lmforge.finetune.lora import LoRAConfig, count_parameters
+from lmforge.finetune.adapter import load_adapter, save_adapter
+from lmforge.finetune.lora import LoRAConfig, apply_lora, count_parameters
+from lmforge.finetune.nf4 import quantize_model
 from lmforge.io import atomic_write_text
+from lmforge.loading import load, resolve_model_path
 from lmforge.model import GPT
-from lmforge.pretrained import load, resolve_model_path
-from lmforge.train.distributed import DistInfo
+from lmforge.recipes.config import FinetuneConfig
+from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import DistInfo, init_distributed, shutdown
+from lmforge.train.loop import Batch, LossFn, Trainer, TrainResult
+from lmforge.train.loss import next_token_loss
+from lmforge.weights import carry_trunk
 
 
 @dataclass
@@ -54,10 +66,7 @@ def load_base(cfg: FinetuneConfig, labels: list[str] | None = None) -> GPT:
         torch.manual_seed(cfg.seed)
         fresh = GPT(config)
         if not cfg.from_scratch:  # keep every pretrained weight; only the new head is random
-            state = {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
-            missing, unexpected = fresh.load_state_dict(state, strict=False)
-            if unexpected or any(not k.startswith("score.") for k in missing):
-                raise LmforgeError(f"could not carry the base's weights over: missing {missing}, unexpected {unexpected}")
+            carry_trunk(model, fresh)
         model = fresh
     model.tokenizer = tokenizer
     return model
@@ -69,14 +78,10 @@ def set_trainable(model: GPT, cfg: FinetuneConfig, say: Callable[[str], None] = 
     (a classifier's `score`) always learns."""
     heads = ["score"] if model.score is not None else []
     if cfg.quantize == "nf4":
-        from lmforge.finetune.nf4 import quantize_model
-
         summary = quantize_model(model)
         say(f"base quantized to NF4: {summary}")
-    if cfg.lora_r:
-        from lmforge.finetune.lora import apply_lora
-
-        lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets), rslora=cfg.rslora)
+    lora = cfg.lora()
+    if lora is not None:
         apply_lora(model, lora, trainable=heads)
         how = f"LoRA r={lora.r} alpha={lora.alpha:g} on {','.join(lora.targets)}" + (" over an NF4 base" if cfg.quantize else "")
     else:
@@ -98,7 +103,7 @@ def set_trainable(model: GPT, cfg: FinetuneConfig, say: Callable[[str], None] = 
     trainable, total = count_parameters(model)
     if not trainable:
         raise LmforgeError("nothing to train: every weight is frozen")
-    return TrainableReport(trainable, total, how, lora if cfg.lora_r else None)
+    return TrainableReport(trainable, total, how, lora)
 
 
 def checkpoint_hooks(model: GPT, cfg: FinetuneConfig, report: TrainableReport) -> dict:
@@ -106,8 +111,6 @@ def checkpoint_hooks(model: GPT, cfg: FinetuneConfig, report: TrainableReport) -
     (the base stays where it is), loadable with `lmforge.load` like any model."""
     if report.lora is None:
         return {}
-    from lmforge.finetune.lora import load_adapter, save_adapter
-
     base = resolve_model_path(cfg.base)  # a run folder's newest checkpoint now, not whatever it holds later
     return {
         "write_model": lambda folder: save_adapter(model, folder, base, report.lora, quantize=cfg.quantize or None),
@@ -115,7 +118,7 @@ def checkpoint_hooks(model: GPT, cfg: FinetuneConfig, report: TrainableReport) -
     }
 
 
-def steps_for(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
+def epoch_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
     """Optimizer steps: --max-steps, else --epochs over the training split."""
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch / cfg.grad_accum))
 
@@ -130,7 +133,95 @@ def rank_rows(cfg: FinetuneConfig, info: DistInfo) -> slice:
     return slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)
 
 
-def start_run(cfg: FinetuneConfig, info: DistInfo) -> None:
+@contextlib.contextmanager
+def distributed_run(cfg: TrainConfig, say: Callable[[str], None]) -> Iterator[tuple[DistInfo, Callable[[str], None]]]:
+    """The run's processes (one, or torchrun's) and its reporter, silent off rank 0;
+    the process group is shut down however the run ends."""
+    cfg.validate()
+    info = init_distributed(cfg.device or None)
+    try:
+        yield info, info.main_only(say)
+    finally:
+        shutdown(info)
+
+
+@dataclass
+class SplitsRun:
+    """A fine-tuning run measured on every split before and after training."""
+
+    cfg: FinetuneConfig  # as run: max_steps derived from --epochs
+    result: TrainResult
+    before: dict[str, dict] | None  # None when resumed (the "before" was measured by the first run)
+    after: dict[str, dict]
+
+
+def train_on_splits(
+    model: GPT,
+    cfg: FinetuneConfig,
+    report: TrainableReport,
+    info: DistInfo,
+    data: dict[str, EpochBatches],
+    *,
+    measure: Callable[[GPT, Iterable[Batch]], dict],
+    summary: Callable[[dict[str, dict]], str],
+    eval_batch: int,
+    say: Callable[[str], None],
+    progress: bool,
+    inputs: Callable[[Any], Batch] = lambda b: b,
+    loss_fn: LossFn = next_token_loss,
+    before_fit: Callable[[], None] | None = None,
+) -> SplitsRun:
+    """What every fine-tuning recipe does around the one `Trainer`: steps from --epochs,
+    `measure` on each split of `data` (in batches of `eval_batch` rows) before (unless
+    resuming) and after, this rank's rows
+    of each global training batch (`inputs` turns a batch into the loss's (x, y)), the run
+    folder and `run.json`, and adapter-only checkpoints for a LoRA run."""
+    cfg = dataclasses.replace(cfg, max_steps=epoch_steps(cfg, data["train"].steps_per_epoch))
+    model.to(info.device)
+
+    def measure_all() -> dict[str, dict]:
+        return {s: measure(model, map(inputs, data[s].iter_eval(eval_batch))) for s in EXAMPLE_SPLITS}
+
+    before = None if cfg.resume else measure_all()
+    if before:
+        say("before: " + summary(before))
+    rows = rank_rows(cfg, info)
+
+    def batch(draw: int, micro: int) -> Batch:
+        return _rows(inputs(data["train"].batch(draw * cfg.grad_accum + micro)), rows)
+
+    def eval_batches() -> Iterable[Batch]:
+        return map(inputs, itertools.islice(data["val"].iter_eval(eval_batch), cfg.eval_batches or None))
+
+    trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=model.tokenizer,
+                      loss_fn=loss_fn, say=say, progress=progress, **checkpoint_hooks(model, cfg, report))
+    start_run(cfg, info)
+    if before_fit is not None and info.is_main:
+        before_fit()
+    result = trainer.fit()
+    after = measure_all()
+    say("after:  " + summary(after))
+    return SplitsRun(cfg, result, before, after)
+
+
+def _rows(batch: Any, rows: slice) -> Any:
+    """`rows` of every tensor in a batch (a tensor, or tuples and dicts of them)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[rows]
+    if isinstance(batch, dict):
+        return {k: _rows(v, rows) for k, v in batch.items()}
+    return tuple(_rows(v, rows) for v in batch)
+
+
+def write_metrics(cfg: TrainConfig, info: DistInfo, metrics: dict) -> Path:
+    """`metrics.json` in the run folder (rank 0 writes it)."""
+    path = Path(cfg.out) / "metrics.json"
+    if info.is_main:
+        atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def start_run(cfg: TrainConfig, info: DistInfo) -> None:
     """The run folder with its `run.json` (the whole config, to repeat or --resume the run)."""
     if info.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,14 @@ sequence through the model for every new token, no cache.
 
 Context: a prompt longer than the model's context_length is an error; generation
 stops when the context is full (finish_reason "context"), it never slides.
+
+The output head and the CPU tuning of one-row decoding (weight layout, output-matrix
+blocks, the prefetcher) are in `cpu_decode.py`; the engine only calls them.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,12 +27,10 @@ from typing import Protocol
 import torch
 
 from lmforge.config import Config
+from lmforge.engine.cpu_decode import CpuDecoder, relayout_for_decode
+from lmforge.engine.sampling import SamplingParams, sample
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.prefetch import WeightPrefetcher
-from lmforge.sampling import SamplingParams, sample
-
-HEAD_BLOCK_BYTES = 4 * 2**20  # output-matrix block for one-row decoding: several fit the last-level cache
 
 
 class TextCodec(Protocol):
@@ -79,7 +79,7 @@ class KVCache:
         slots = torch.arange(self.length, self.length + T, device=self.pad.device)
         return (slots[None] - self.pad[:, None]).clamp(min=0)
 
-    def mask(self, T: int) -> torch.Tensor | None:
+    def visible(self, T: int) -> torch.Tensor | None:
         """Which slots the next T tokens may see (B, 1, T, S), or None when plain causal suffices."""
         padded = bool(self.pad.any())
         if not padded and (self.length == 0 or T == 1):
@@ -101,109 +101,45 @@ class Completion:
     finish_reason: str  # "stop" (a stop id or string), "length" (max_new_tokens), "context" (context full)
 
 
-@torch.no_grad()
-def relayout_for_decode(model: GPT) -> None:
-    """Store each block Linear whose output is at least as wide as its input as the
-    contiguous (in, out) matrix, in place: same Parameter, shape and values; only the
-    strides change, so F.linear hands BLAS a matrix it streams row by row.
-
-    Decoding one token is a chain of matrix-vector products bound by memory reads, and
-    on CPU that layout reads faster for these shapes (measured on gpt2's, batch 1:
-    768 -> 3072 at 21 GB/s against 12 GB/s as nn.Linear stores it, 768 -> 2304 at 20
-    against 13). Narrowing layers (3072 -> 768) read faster as stored, so they stay.
-    Batch 8 runs at the same speed either way.
-    """
-    for _, linear in model.named_linears():
-        w = linear.weight  # None for a 4-bit layer (lmforge.finetune.nf4), which dequantizes anyway
-        if w is not None and w.device.type == "cpu" and w.is_floating_point() and w.size(0) >= w.size(1) and w.is_contiguous():
-            linear.weight.data = w.data.t().contiguous().t()
-
-
 class Engine:
-    """Generate from a model: prefill, then decode one token at a time with a KV cache."""
+    """Generate from a model: prefill, then decode one token at a time with a KV cache.
+
+    The engine works on the caller's model, not a copy, and changes it in two ways:
+
+    - it calls `model.eval()` (generation runs without dropout) and never switches
+      back: a caller that goes on training calls `model.train()` afterwards;
+    - by default it re-strides the blocks' wide CPU weights in place
+      (`relayout_for_decode`): the same Parameter objects, shapes and values, but no
+      longer contiguous, because that layout decodes one row faster on CPU. Code that
+      needs contiguous weights (`.view()`, raw pointers, a plain `safetensors` save),
+      or a model still being trained, should pass `relayout=False`, which leaves every
+      weight exactly as it was.
+
+    The output-head blocks and the prefetcher (`lmforge.engine.cpu_decode`) change
+    nothing in the model: the blocks are a separate copy, and the prefetcher's thread
+    count is restored when decoding ends.
+    """
 
     def __init__(
         self, model: GPT, tokenizer: TextCodec | None = None, *, relayout: bool = True, prefetch: bool = True
     ) -> None:
-        """`relayout` stores the blocks' wide weights in the layout that decodes fastest
-        (see `relayout_for_decode`); pass False to leave a model that is still being
-        trained exactly as it was, e.g. when sampling between optimizer steps.
+        """Set `model` to eval mode and, with `relayout` (the default), store its blocks'
+        wide weights in the layout that decodes fastest, in place (see the class
+        docstring); pass `relayout=False` to leave a model that is still being trained
+        exactly as it was, e.g. when sampling between optimizer steps.
         `prefetch` lets a second core read weights ahead when decoding one row on CPU
-        (see `lmforge.prefetch`)."""
+        (see `lmforge.engine.prefetch`)."""
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
-        self._head: list[torch.Tensor] | None = None
-        self._head_version = -1
-        self._prefetcher: WeightPrefetcher | None = None
-        self.prefetch = prefetch
+        self.cpu = CpuDecoder(model, prefetch)  # the output head and the decode-time CPU tuning
         if relayout:
             relayout_for_decode(model)
 
-    # --- logits --------------------------------------------------------------------
-    def _head_chunks(self) -> list[torch.Tensor]:
-        """The output matrix as contiguous (C, n) column blocks of HEAD_BLOCK_BYTES each.
-
-        Decoding one row reads the whole output matrix per token; on CPU BLAS streams a
-        contiguous (C, V) matrix 2.8x faster than nn.Linear's (V, C) weight at batch 1
-        (measured on `small`'s 384 x 50257 head), and blocks that fit the last-level
-        cache let the prefetcher run ahead. The copy is refreshed whenever the weight
-        changes in place (an optimizer step between samples bumps its version).
-        """
-        w = self.model.lm_head.weight
-        version = 0 if w.is_inference() else w._version  # inference tensors keep no version
-        if self._head is None or self._head_version != version:
-            t = w.detach().t()
-            n = max(1, HEAD_BLOCK_BYTES // (t.size(0) * t.element_size()))
-            self._head = [t[:, i : i + n].contiguous() for i in range(0, t.size(1), n)]
-            self._head_version = version
-        return self._head
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits from the last hidden state (B, C) -> (B, V), fp32.
-
-        Several rows run 2-4x faster as W @ hidden^T on the weight as stored; one row
-        runs fastest against the (C, V) blocks of `_head_chunks`.
-        """
-        w = self.model.lm_head.weight
-        if type(self.model.lm_head) is not torch.nn.Linear or w.device.type != "cpu":
-            return self.model.lm_head(hidden).float()
-        if hidden.size(0) > 1:
-            return (w @ hidden.t()).t().float()
-        out = []
-        for j, block in enumerate(self._head_chunks()):
-            if self._prefetcher is not None:
-                self._prefetcher.ahead_of(self._prefetcher.tail_start + j)
-            out.append(hidden @ block)
-        return torch.cat(out, dim=1).float()
-
-    def _decoding(self, batch: int) -> contextlib.AbstractContextManager:
-        """What runs around the decode steps: the weight prefetcher for one row on a CPU
-        with a second core to spare (see `lmforge.prefetch`), else nothing."""
-        head = self.model.lm_head
-        cpu = head.weight.device.type == "cpu" and type(head) is torch.nn.Linear
-        if not (self.prefetch and cpu and batch == 1 and torch.get_num_threads() >= 2):
-            return contextlib.nullcontext()
-        linears = [linear for _, linear in self.model.named_linears()]
-        if any(linear.weight is None for linear in linears):  # 4-bit weights: dequantizing, not reading, is the cost
-            return contextlib.nullcontext()
-        prefetcher = WeightPrefetcher(linears, tail=self._head_chunks())
-
-        @contextlib.contextmanager
-        def active() -> Iterator[None]:
-            with prefetcher:
-                self._prefetcher = prefetcher
-                try:
-                    yield
-                finally:
-                    self._prefetcher = None
-
-        return active()
-
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         T = ids.size(1)
-        hidden = self.model(ids, pos=cache.positions(T), mask=cache.mask(T), cache=cache, return_hidden=True)
-        return self._logits(hidden[:, -1])
+        hidden = self.model.hidden_states(ids, pos=cache.positions(T), visible=cache.visible(T), cache=cache)
+        return self.cpu.logits(hidden[:, -1])
 
     # --- the step loop ---------------------------------------------------------------
     def _prompts(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -245,7 +181,7 @@ class Engine:
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         logits = self._forward(ids, cache)
-        with self._decoding(len(prompts)):
+        with self.cpu.decoding(len(prompts)):
             for step in range(max_new_tokens):
                 token = sample(logits, sampling, generator)
                 yield token, logits

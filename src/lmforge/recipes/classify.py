@@ -9,9 +9,6 @@ on every split before and after training into `metrics.json`.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +16,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.batches import EXAMPLE_SPLITS
 from lmforge.data.labeled import ClassificationBatches, balanced_split, read_labeled, save_split
 from lmforge.errors import LmforgeError
-from lmforge.finetune.base import checkpoint_hooks, example_length, load_base, rank_rows, set_trainable, start_run, steps_for
-from lmforge.finetune.config import FinetuneConfig
-from lmforge.io import atomic_write_text
 from lmforge.model import GPT
-from lmforge.train.distributed import init_distributed, shutdown
-from lmforge.train.loop import Trainer
+from lmforge.recipes.common import distributed_run, example_length, load_base, set_trainable, train_on_splits, write_metrics
+from lmforge.recipes.config import FinetuneConfig
 
-SPLITS = ("train", "val", "test")
 EVAL_BATCH = 32
 
 
 def classification_loss(model: torch.nn.Module, x: dict, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x["input_ids"], attention_mask=x["attention_mask"], classify=True), y)
+    return model(x["input_ids"], y, attention_mask=x["attention_mask"])  # a classifier's forward gives its loss
 
 
 def as_inputs(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[dict, torch.Tensor]:
@@ -42,14 +36,13 @@ def as_inputs(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[d
 
 
 @torch.no_grad()
-def evaluate(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Mean loss and accuracy over every example of a split."""
+def evaluate(model: GPT, batches: Iterable[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+    """Mean loss and accuracy over every example of a split (batches as `as_inputs` gives them)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
-    for batch in batches:
-        x, y = as_inputs(batch)
-        logits = model(x["input_ids"].to(model.device), attention_mask=x["attention_mask"].to(model.device), classify=True)
+    for x, y in batches:
+        logits = model.classify(x["input_ids"].to(model.device), x["attention_mask"].to(model.device))
         y = y.to(model.device)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
@@ -71,7 +64,7 @@ def predict(model: GPT, texts: list[str], max_length: int | None = None) -> list
     out = []
     for text in texts:
         ids = tok.encode(text)[:limit] or [tok.eot_id]
-        probs = model(torch.tensor([ids], device=model.device), classify=True).softmax(-1)[0]
+        probs = model.classify(torch.tensor([ids], device=model.device)).softmax(-1)[0]
         k = int(probs.argmax())
         out.append((model.config.labels[k], float(probs[k])))
     return out
@@ -86,13 +79,10 @@ class ClassifyResult:
 
 
 def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool = True) -> ClassifyResult:
-    cfg.validate()
-    info = init_distributed(cfg.device or None)
-    say = say if info.is_main else (lambda _: None)
-    try:
+    with distributed_run(cfg, say) as (info, say):
         examples, labels = read_labeled(cfg.data, text_field=cfg.text_field, label_field=cfg.label_field)
         splits = balanced_split(examples)  # the book's split (seed 123), the same whatever the training seed
-        counts = ", ".join(f"{s} {len(splits[s]):,}" for s in SPLITS)
+        counts = ", ".join(f"{s} {len(splits[s]):,}" for s in EXAMPLE_SPLITS)
         say(f"data: {len(examples):,} examples, labels {labels}; balanced split: {counts}")
         model = load_base(cfg, labels)
         tokenizer = model.tokenizer
@@ -102,50 +92,30 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
                                      seed=cfg.seed, max_length=max_length, padding_side=cfg.padding_side,
                                      pad_id=getattr(tokenizer, "eot_id", None) or 0,  # any id: the attention mask marks the pads
                                      drop_last=s == "train")
-            for s in SPLITS
+            for s in EXAMPLE_SPLITS
         }
         if data["train"].truncated:
             say(f"note: {data['train'].truncated} training texts were cut to {max_length} tokens")
         report = set_trainable(model, cfg, say)
         say(str(report))
-        cfg = dataclasses.replace(cfg, max_steps=steps_for(cfg, data["train"].steps_per_epoch))
-        model.to(info.device)
-        before = {s: evaluate(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS} if not cfg.resume else None
-        if before:
-            say("before: " + _summary(before))
-
-        def batch(draw: int, micro: int) -> tuple[dict, torch.Tensor]:
-            x, y = as_inputs(data["train"].batch(draw * cfg.grad_accum + micro))
-            rows = rank_rows(cfg, info)
-            return {k: v[rows] for k, v in x.items()}, y[rows]
-
-        def eval_batches() -> Iterable[tuple[dict, torch.Tensor]]:
-            return map(as_inputs, itertools.islice(data["val"].iter_eval(EVAL_BATCH), cfg.eval_batches or None))
-
-        trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer,
-                          loss_fn=classification_loss, say=say, progress=progress, **checkpoint_hooks(model, cfg, report))
-        start_run(cfg, info)
-        if info.is_main:
-            save_split({s: splits[s] for s in SPLITS}, Path(cfg.out) / "split", labels)
-        result = trainer.fit()
-        after = {s: evaluate(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS}
-        say("after:  " + _summary(after))
+        run = train_on_splits(
+            model, cfg, report, info, data, measure=evaluate, summary=_summary, eval_batch=EVAL_BATCH, say=say,
+            progress=progress, inputs=as_inputs, loss_fn=classification_loss,
+            before_fit=lambda: save_split({s: splits[s] for s in EXAMPLE_SPLITS}, Path(cfg.out) / "split", labels),
+        )
+        before, after = run.before, run.after
         metrics = {
             "task": "classify",
             "base": cfg.base,
             "from_scratch": cfg.from_scratch,
             "labels": labels,
             "trainable": report.to_dict(),
-            "steps": result.step,
+            "steps": run.result.step,
             "splits": {s: {"examples": after[s]["examples"], **({"before": _strip(before[s])} if before else {}),
-                           "after": _strip(after[s])} for s in SPLITS},
+                           "after": _strip(after[s])} for s in EXAMPLE_SPLITS},
         }
-        out = Path(cfg.out)
-        if info.is_main:
-            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        return ClassifyResult(out, result.checkpoint, metrics, result.stopped)
-    finally:
-        shutdown(info)
+        write_metrics(cfg, info, metrics)
+        return ClassifyResult(Path(cfg.out), run.result.checkpoint, metrics, run.result.stopped)
 
 
 def _strip(m: dict) -> dict:
@@ -153,4 +123,4 @@ def _strip(m: dict) -> dict:
 
 
 def _summary(m: dict) -> str:
-    return ", ".join(f"{s} loss {m[s]['loss']:.3f} accuracy {100 * m[s]['accuracy']:.2f}%" for s in SPLITS)
+    return ", ".join(f"{s} loss {m[s]['loss']:.3f} accuracy {100 * m[s]['accuracy']:.2f}%" for s in EXAMPLE_SPLITS)

@@ -1,15 +1,17 @@
-"""A model folder: `model.safetensors` + `config.json` + the tokenizer, and `load` for any source.
+"""Our model folder: `model.safetensors` + `config.json` + the tokenizer, and the tensor checks
+every loader shares.
 
 Weights are safetensors (no pickle: loading runs no code). A tied output head is
-stored once, as the embedding. `load` also accepts a Hugging Face folder and a
-llama2.c `.bin`, converting on the fly (see `lmforge.interop`).
+stored once, as the embedding. This module sits just above the model and imports
+nothing higher: the converters (`lmforge.interop`), adapters (`lmforge.finetune`) and
+checkpoints (`lmforge.train`) build on it, and `lmforge.loading.load` dispatches to
+all of them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_file
 from lmforge.model import GPT, rope_inv_freq
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer.llama2c import FORMAT as SENTENCEPIECE_FORMAT
+from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
 WEIGHTS = "model.safetensors"
 
@@ -62,7 +66,9 @@ def meta_state_dict(config: Config) -> dict[str, torch.Tensor]:
         return GPT(config).state_dict()
 
 
-def check_tensors(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
+def check_tensors(
+    tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str, against: str = "its config"
+) -> None:
     """Every expected name present with its shape, nothing else: one error listing all that is wrong."""
     missing = [k for k in expected if k not in tensors]
     extra = sorted(k for k in tensors if k not in expected)
@@ -75,7 +81,7 @@ def check_tensors(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, 
     if wrong:
         problems.append(f"wrong shape: {'; '.join(wrong[:8])}")
     if problems:
-        raise LmforgeError(f"{source} does not match its config: {' | '.join(problems)}")
+        raise LmforgeError(f"{source} does not match {against}: {' | '.join(problems)}")
 
 
 def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
@@ -91,7 +97,7 @@ def empty_model(config: Config, device: str | torch.device = "cpu") -> GPT:
     (no time spent on a random init that would be overwritten)."""
     with torch.device("meta"):
         model = GPT(config)
-    return _finish(model.to_empty(device=device), device)
+    return retie(model.to_empty(device=device), device)
 
 
 def model_from_state_dict(
@@ -108,10 +114,10 @@ def model_from_state_dict(
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=False, assign=True)
-    return _finish(model, device).eval()
+    return retie(model, device).eval()
 
 
-def _finish(model: GPT, device: str | torch.device) -> GPT:
+def retie(model: GPT, device: str | torch.device) -> GPT:
     """Tie the head again (`to_empty`/`assign` untie it) and rebuild RoPE's buffer (never saved)."""
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -122,13 +128,11 @@ def _finish(model: GPT, device: str | torch.device) -> GPT:
 
 def load_tokenizer(path: Path) -> object | None:
     """The tokenizer saved in a model folder, of whichever kind it is, or None."""
-    file = path / "tokenizer.json"
+    file = path / TOKENIZER_FILE
     if not file.is_file():
         return None
     fmt = json.loads(file.read_text(encoding="utf-8")).get("format")
-    if fmt == "lmforge.sentencepiece":
-        from lmforge.interop.llama2c import Llama2cTokenizer
-
+    if fmt == SENTENCEPIECE_FORMAT:
         return Llama2cTokenizer.load(path)
     return Tokenizer.load(path)
 
@@ -147,69 +151,24 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """A model from our folder, a Hugging Face folder, a llama2.c `.bin`, a training run
-    folder (its newest intact checkpoint), one checkpoint folder, or a LoRA adapter folder
-    (on the base it names), with `.tokenizer` set."""
-    path = Path(path)
-    path = _checkpoint_model_dir(path) or path
-    from lmforge.finetune.lora import is_adapter_dir, load_adapted
-
-    if is_adapter_dir(path):  # a LoRA adapter (or a LoRA run's checkpoint): its base + the adapter
-        return load_adapted(path, device=device)
-    if path.is_file() and path.suffix == ".bin":
-        from lmforge.interop.llama2c import load_llama2c
-
-        return load_llama2c(path, device=device)
-    if not path.is_dir():
-        raise LmforgeError(f"{path} is neither a model folder nor a llama2.c .bin file")
-    if (path / "config.json").is_file():
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path / 'config.json'} is truncated or not JSON ({e})") from None
-        if "model_type" in config or "architectures" in config:
-            from lmforge.interop.hf import load_hf
-
-            return load_hf(path, device=device)  # also explains sharded or pickle-only folders
-        if (path / WEIGHTS).is_file():
-            return load_pretrained(path, device=device)
-    if (path / "model.safetensors.index.json").is_file():
-        from lmforge.interop.hf import load_hf
-
-        return load_hf(path, device=device)
-    raise LmforgeError(f"{path} holds no model: expected config.json with {WEIGHTS} (ours or Hugging Face's)")
+def carry_trunk(source: GPT, target: GPT, *, assign: bool = False) -> None:
+    """Give `target` every weight of `source` but the classification head (`score`), which
+    one of them has for other labels or not at all; `assign` shares the tensors, no copy."""
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("score.")}
+    missing, unexpected = target.load_state_dict(state, strict=False, assign=assign)
+    if unexpected or any(not k.startswith("score.") for k in missing):
+        raise LmforgeError(f"could not carry the base's weights over: missing {missing}, unexpected {unexpected}")
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """The folder (or file) `load` reads for `path`: a training run resolves to its
-    newest intact checkpoint's model folder, which stays put when the run trains on."""
-    path = Path(path)
-    return _checkpoint_model_dir(path) or path
-
-
-def _checkpoint_model_dir(path: Path) -> Path | None:
-    """The `model/` folder to load when `path` is a training run or a checkpoint, else None.
-
-    A run folder (with `checkpoints/`) gives its newest intact checkpoint, saying on
-    stderr which damaged newer ones it skipped; a checkpoint folder is verified first,
-    so a damaged one is an error rather than a model with silently wrong weights.
-    """
-    if not path.is_dir():
-        return None
-    from lmforge.train.checkpoint import (
-        CHECKPOINTS,
-        find_resumable,
-        is_checkpoint_folder,
-        verify_checkpoint,
-    )
-
-    if (path / CHECKPOINTS).is_dir() or (path.name == CHECKPOINTS and not (path / "config.json").exists()):
-        found = find_resumable(path, say=lambda m: print(m, file=sys.stderr))
-        if found is None:
-            raise LmforgeError(f"{path} is a training run with no intact checkpoint in {path / CHECKPOINTS}; train it (longer) first")
-        return found / "model"
-    if is_checkpoint_folder(path) and not (path / "config.json").is_file():
-        verify_checkpoint(path)
-        return path / "model"
-    return None
+def with_labels(model: GPT, labels: list[str]) -> GPT:
+    """The same model (the same weight tensors, no copy) rebuilt with an empty classification
+    head for `labels`, for a loader about to fill it (an adapter file holds its weights)."""
+    device, dtype = model.tok_emb.weight.device, model.tok_emb.weight.dtype
+    with torch.device("meta"):
+        fresh = GPT(model.config.replace(labels=list(labels)))
+    carry_trunk(model, fresh, assign=True)
+    fresh.score.to_empty(device=device)
+    fresh.score.to(dtype)
+    fresh = retie(fresh, device)
+    fresh.tokenizer = getattr(model, "tokenizer", None)
+    return fresh.eval()

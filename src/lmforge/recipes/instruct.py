@@ -11,8 +11,6 @@ model in the format it learned. After training the held-out prompts are answered
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,18 +18,16 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.instruct import IGNORE_INDEX, InstructionBatches, book_split, read_instructions, template_named
-from lmforge.engine import Engine, end_of_text_ids
-from lmforge.finetune.base import checkpoint_hooks, example_length, load_base, rank_rows, set_trainable, start_run, steps_for
-from lmforge.finetune.config import FinetuneConfig
+from lmforge.data.batches import EXAMPLE_SPLITS
+from lmforge.data.instruct import IGNORE_INDEX, InstructionBatches, book_split, read_instructions
+from lmforge.engine import Engine, SamplingParams, end_of_text_ids
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT
-from lmforge.sampling import SamplingParams
-from lmforge.train.distributed import init_distributed, shutdown
-from lmforge.train.loop import Trainer
+from lmforge.recipes.common import distributed_run, example_length, load_base, set_trainable, train_on_splits, write_metrics
+from lmforge.recipes.config import FinetuneConfig
+from lmforge.tokenizer.templates import template_named
 from lmforge.train.loss import next_token_loss
 
-SPLITS = ("train", "val", "test")
 EVAL_BATCH = 8
 RESPONSE_TOKENS = 256  # at most, per held-out response
 
@@ -95,15 +91,12 @@ class InstructResult:
 
 
 def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool = True) -> InstructResult:
-    cfg.validate()
-    info = init_distributed(cfg.device or None)
-    say = say if info.is_main else (lambda _: None)
-    try:
+    with distributed_run(cfg, say) as (info, say):
         items = read_instructions(cfg.data)
         splits = book_split(items)
         name = choose_template(cfg, items)
         say(f"data: {len(items):,} examples ({name} template); split in order: "
-            + ", ".join(f"{s} {len(splits[s]):,}" for s in SPLITS))
+            + ", ".join(f"{s} {len(splits[s]):,}" for s in EXAMPLE_SPLITS))
         model = load_base(cfg)
         tokenizer = model.tokenizer
         tokenizer.chat_template = name  # saved with every checkpoint: chat uses the format the model learned
@@ -112,35 +105,16 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             s: InstructionBatches(splits[s], tokenizer, batch_size=cfg.batch_size * (info.world_size if s == "train" else 1),
                                   seed=cfg.seed, template=template_named(name), mask_prompt=cfg.mask_prompt,
                                   max_length=max_length, drop_last=s == "train")
-            for s in SPLITS
+            for s in EXAMPLE_SPLITS
         }
-        for s in SPLITS:
+        for s in EXAMPLE_SPLITS:
             if data[s].dropped:
                 say(f"note: {len(data[s].dropped)} {s} examples have no response left within {max_length} tokens and are left out")
         report = set_trainable(model, cfg, say)
         say(str(report))
-        cfg = dataclasses.replace(cfg, max_steps=steps_for(cfg, data["train"].steps_per_epoch))
-        model.to(info.device)
-        before = None if cfg.resume else {s: response_loss(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS}
-        if before:
-            say("before: " + _summary(before))
-
-        def batch(draw: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = data["train"].batch(draw * cfg.grad_accum + micro)
-            rows = rank_rows(cfg, info)
-            return x[rows], y[rows]
-
-        def eval_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-            return itertools.islice(data["val"].iter_eval(EVAL_BATCH), cfg.eval_batches or None)
-
-        trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer, say=say,
-                          progress=progress, **checkpoint_hooks(model, cfg, report))
-        start_run(cfg, info)
-        result = trainer.fit()
-        after = {s: response_loss(model, data[s].iter_eval(EVAL_BATCH)) for s in SPLITS}
-        say("after:  " + _summary(after))
-        out = Path(cfg.out)
-        responses = out / "responses.jsonl"
+        run = train_on_splits(model, cfg, report, info, data, measure=response_loss, summary=_summary, eval_batch=EVAL_BATCH,
+                              say=say, progress=progress)
+        responses = Path(cfg.out) / "responses.jsonl"
         if info.is_main:
             say(f"answering the {len(splits['test'])} held-out prompts (greedy) into {responses}")
             lines = [json.dumps(r, ensure_ascii=False) for r in answer(model, splits["test"], name)]
@@ -151,15 +125,13 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             "template": name,
             "mask_prompt": cfg.mask_prompt,
             "trainable": report.to_dict(),
-            "steps": result.step,
-            "splits": {s: {"examples": len(data[s]), **({"before": before[s]} if before else {}), "after": after[s]} for s in SPLITS},
+            "steps": run.result.step,
+            "splits": {s: {"examples": len(data[s]), **({"before": run.before[s]} if run.before else {}), "after": run.after[s]}
+                       for s in EXAMPLE_SPLITS},
         }
-        if info.is_main:
-            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        return InstructResult(out, result.checkpoint, metrics, responses, result.stopped)
-    finally:
-        shutdown(info)
+        write_metrics(cfg, info, metrics)
+        return InstructResult(Path(cfg.out), run.result.checkpoint, metrics, responses, run.result.stopped)
 
 
 def _summary(m: dict) -> str:
-    return ", ".join(f"{s} response loss {m[s]['loss']:.3f}" for s in SPLITS)
+    return ", ".join(f"{s} response loss {m[s]['loss']:.3f}" for s in EXAMPLE_SPLITS)

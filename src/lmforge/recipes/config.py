@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from lmforge.errors import LmforgeError
+from lmforge.finetune.lora import LoRAConfig
 from lmforge.train.config import TrainConfig
 
 TRAINABLE_HELP = "all | last-N (the last N blocks, the final norm and the head) | head"
@@ -42,7 +44,7 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = 16.0  # adapter scale alpha / r
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down, or all-linear
-    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    lora_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (also --rslora)
     quantize: str = ""  # "nf4": the frozen base in 4 bits (QLoRA; needs --lora-r)
     # how examples become tokens
     max_length: int = 0  # tokens per example; 0: the model's context length
@@ -71,6 +73,23 @@ class FinetuneConfig(TrainConfig):
             raise LmforgeError(f"--padding-side must be left or right, got {self.padding_side!r}")
         if self.template not in ("auto", "alpaca", "chat"):
             raise LmforgeError(f"--template must be auto, alpaca or chat, got {self.template!r}")
+
+    # The LoRA fields carry a `lora_` prefix here, where they sit among every other
+    # setting of a run; `LoRAConfig` (and an adapter's JSON) names them without it.
+    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"lora_rslora": ("--rslora",)}
+    _renamed: ClassVar[dict[str, str]] = {"rslora": "lora_rslora"}  # run.json of runs before the prefix
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> FinetuneConfig:
+        values = {cls._renamed.get(k, k): v for k, v in values.items()}
+        return super().from_dict(values, source)
+
+    def lora(self) -> LoRAConfig | None:
+        """The adapters this run trains (None without --lora-r)."""
+        if not self.lora_r:
+            return None
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=tuple(self.lora_targets),
+                          rslora=self.lora_rslora)
 
     def trainable_blocks(self) -> int | None:
         """None: every weight; N: only the last N blocks (0 = the head alone) + norm + head."""
