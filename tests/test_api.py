@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import lmforge
 from lmforge.engine import Engine, SamplingParams
 from lmforge.finetune.lora import LoRAConfig, apply_lora, merge_lora
@@ -26,3 +28,21 @@ def test_importing_the_package_does_not_import_torch():
     code = "import sys, lmforge; lmforge.Tokenizer; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_the_machine_s_errors_are_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A full disk or a read-only folder is the machine's, not a bug: one line, exit 2."""
+    import errno
+
+    from lmforge import cli
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "train.bin"))
+
+    monkeypatch.setattr(cli.tokenizer, "_train", full_disk)
+    assert cli.main(["tokenizer", "train", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge: error: No space left on device: ") and "train.bin" in err and err.count("\n") == 1
+    monkeypatch.setenv("LMFORGE_TRACEBACK", "1")
+    with pytest.raises(OSError):
+        cli.main(["tokenizer", "train", "--out", str(tmp_path / "out")])

@@ -336,7 +336,7 @@ def test_a_crash_mid_write_loses_nothing(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash_on_final_rename)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(LmforgeError, match="simulated crash"):
         save(run, 3, model, keep_last=1)
     monkeypatch.undo()
     assert list_checkpoints(run) == before
@@ -362,7 +362,7 @@ def test_a_crash_while_replacing_a_step_without_atomic_swap_is_repaired(tmp_path
     old = save(run, 1, model, trainer_state={"v": "old"})
     real_replace = os.replace
     break_dir_renames(monkeypatch, from_call=2, crash=True)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(LmforgeError, match="simulated crash"):
         save(run, 1, model, trainer_state={"v": "new"})
     monkeypatch.setattr(os, "replace", real_replace)
     assert list_checkpoints(run) == []  # moved aside, hidden: nothing half-made is listed

@@ -19,10 +19,10 @@ from lmforge.data.download import MIRROR_ENV
 DOCS = ["First document.\n", "Second one, a little longer than the first.\n", "Third.", "Fourth and last\n"]
 
 
-def run_lmforge(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_lmforge(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter, as the `lmforge` console script does."""
     code = "import sys; from lmforge.cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
 @pytest.fixture
@@ -70,6 +70,41 @@ def test_prepare_errors_are_one_line_and_leave_nothing(tmp_path: Path, tokenizer
     assert run.returncode == 2 and "already exists" in run.stderr and "--overwrite" in run.stderr
     run = run_lmforge("data", "prepare", "--input", tmp_path / "corpus", "--tokenizer", tokenizer_dir, "--out", tmp_path / "d", "--overwrite")
     assert run.returncode == 0, run.stderr
+
+
+def test_overwrite_refuses_the_inputs_and_unrelated_folders(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Regression: `--input corpus/books --out corpus --overwrite` deleted the corpus; `--out userdir --overwrite`
+    deleted unrelated files; `--out .` was a raw ValueError."""
+    write_texts(tmp_path / "corpus" / "books", DOCS)
+    (tmp_path / "userdir").mkdir()
+    (tmp_path / "userdir" / "thesis.tex").write_text("years of work")
+    prepare = ["data", "prepare", "--input", "corpus/books", "--tokenizer", tokenizer_dir, "--overwrite", "--out"]
+    for out, message in [
+        ("corpus", "--out corpus holds the input corpus/books/doc000.txt; prepare would replace the corpus it reads"),
+        ("corpus/books", "--out corpus/books holds the input"),
+        ("userdir", "--out userdir already exists and is a folder that is not a data folder (it has no meta.json"),
+        (".", "--out '.' names no folder of its own"),
+    ]:
+        run = run_lmforge(*prepare, out, cwd=tmp_path)
+        assert run.returncode == 2 and run.stderr.startswith("lmforge: error: ")
+        assert message in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert len(list((tmp_path / "corpus" / "books").iterdir())) == len(DOCS)
+    assert (tmp_path / "userdir" / "thesis.tex").read_text() == "years of work"
+
+    run = run_lmforge(*prepare, "tokens", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    run = run_lmforge(*prepare, "tokens", cwd=tmp_path)  # a data folder prepare made is replaced
+    assert run.returncode == 0, run.stderr
+    assert "--overwrite" in run_lmforge("data", "prepare", "--help").stdout
+
+
+def test_prepare_names_a_device_or_fifo_input(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Regression: /dev/zero and FIFOs were "does not exist" (and a FIFO would block a reader)."""
+    os.mkfifo(tmp_path / "pipe")
+    for bad, kind in [("/dev/zero", "a character device"), (tmp_path / "pipe", "a FIFO (named pipe)")]:
+        run = run_lmforge("data", "prepare", "--input", bad, "--tokenizer", tokenizer_dir, "--out", tmp_path / "d")
+        assert run.returncode == 2 and f"is not a regular file: it is {kind}" in run.stderr, run.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_info_on_a_folder_that_is_not_data(tmp_path: Path) -> None:

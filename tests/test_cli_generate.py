@@ -66,11 +66,27 @@ def test_chat_keeps_history(model_dir):
         (["--prompt-ids", "99999"], "outside the vocabulary"),
         (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
         (["--prompt-ids", "1", "--device", "gpu0"], "is not a device name"),
+        # regressions: each of these was a traceback, blamed the wrong id, or was silently accepted
+        (["--prompt-ids", "1", "--max-new-tokens", "-5"], "max_new_tokens must be a whole number >= 1 (how many tokens to generate), got -5"),
+        (["--prompt-ids", "1", "--temperature", "nan"], "temperature must be >= 0 and finite (0 is greedy), got nan"),
+        (["--prompt-ids", "1", "--temperature", "inf"], "temperature must be >= 0 and finite (0 is greedy), got inf"),
+        (["--prompt-ids", "1", "--top-p", "-0.5"], "top_p must be in (0, 1]"),
+        (["--prompt-ids", "1", "--top-k", "-2"], "top_k must be a whole number >= 1"),
+        (["--prompt-ids", "5,-2"], "prompt has token id -2 (at position 1), outside the vocabulary"),
+        (["--prompt-ids", "1", "--stop", ""], "a stop string is empty"),
+        (["--prompt-ids", "1", "--stop-id", "99999"], "stop id 99999 is outside the model's vocabulary of 1,000 ids (0..999)"),
+        (["--prompt-ids", "1", "--stream", "--max-new-tokens", "0"], "max_new_tokens must be a whole number >= 1"),
     ],
 )
 def test_generate_errors(model_dir, args, message):
     proc = lmforge("generate", "--model", str(model_dir), *args)
-    assert proc.returncode == 2 and message in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_chat_refuses_a_bad_max_new_tokens_before_the_first_turn(model_dir):
+    proc = lmforge("chat", "--model", str(model_dir), "--max-new-tokens", "-1")  # no input: the check comes first
+    assert proc.returncode == 2 and "max_new_tokens must be a whole number >= 1" in proc.stderr.decode()
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

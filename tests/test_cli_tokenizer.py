@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,10 +81,16 @@ def test_from_gpt2_and_stats(tmp_path):
         (["tokenizer", "decode", "--tokenizer", "TOK"], b"[1, 999999]", b"not in this tokenizer's vocabulary"),
         (["tokenizer", "encode", "--tokenizer", "TOK"], b"\xff\xfe bad", b"not valid UTF-8"),
         (["tokenizer", "train", "--input", "/nonexistent/x.txt", "--out", "OUT"], b"", b"does not exist"),
+        # an empty value would have meant the current folder (issue 11)
+        (["tokenizer", "train", "--input", "", "--out", "OUT"], b"", b"--input has an empty path"),
+        (["tokenizer", "train", "--out", ""], b"", b"--out '' is empty"),
+        (["tokenizer", "from-gpt2", "--encoder-json", "E", "--vocab-bpe", "V", "--out", ""], b"", b"--out '' is empty"),
+        (["tokenizer", "stats", "--tokenizer", "TOK", ""], b"", b"FILE has an empty path"),
+        (["tokenizer", "train", "--input", "VERDICT", "--workers", "-1", "--out", "OUT"], b"", b"--workers -1"),
     ],
 )
 def test_errors_are_one_clear_line(trained, tmp_path, args, stdin, message):
-    args = [a.replace("TOK", str(trained)).replace("OUT", str(tmp_path / "o")) for a in args]
+    args = [a.replace("TOK", str(trained)).replace("OUT", str(tmp_path / "o")).replace("VERDICT", str(shared("llms-from-scratch/the-verdict.txt"))) for a in args]
     proc = lmforge(*args, stdin=stdin, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and b"Traceback" not in proc.stderr
@@ -93,3 +100,132 @@ def test_errors_are_one_clear_line(trained, tmp_path, args, stdin, message):
 def test_every_subcommand_has_help_with_examples(cmd):
     out = lmforge("tokenizer", cmd, "--help").stdout.decode()
     assert "examples:" in out and f"lmforge tokenizer {cmd}" in out
+
+
+# --- issue 11: bad flags and files are one clear line, found before any work -------------------
+def one_line_error(proc: subprocess.CompletedProcess, *needles: bytes) -> str:
+    err = proc.stderr
+    assert proc.returncode == 2, err.decode()
+    assert b"Traceback" not in err and err.startswith(b"lmforge: error: "), err.decode()
+    for n in needles:
+        assert n in err, err.decode()
+    return err.decode()
+
+
+@pytest.fixture(scope="module")
+def verdict():
+    return shared("llms-from-scratch/the-verdict.txt")
+
+
+def test_train_refuses_an_empty_special_token(verdict, tmp_path):
+    """It used to train, then hang every encode (the empty string matches everywhere)."""
+    proc = lmforge("tokenizer", "train", "--input", str(verdict), "--special", "", "--out", str(tmp_path / "t"), check=False)
+    one_line_error(proc, b"empty string", b"--special")
+    assert not (tmp_path / "t").exists()
+
+
+def test_train_refuses_a_pattern_that_drops_text_and_data_prepare_a_tokenizer_that_has_one(verdict, tmp_path):
+    """'[a-z]+' turned "Hello, World 123" into "elloorld", and `data prepare` wrote that corpus with exit 0."""
+    proc = lmforge("tokenizer", "train", "--input", str(verdict), "--pattern", "[a-z]+", "--out", str(tmp_path / "t"), check=False)
+    one_line_error(proc, b"does not cover every character", b"'H' (U+0048 LATIN CAPITAL LETTER H)", rb"`|\s+|.`", b"gpt2, gpt4")
+    assert not (tmp_path / "t").exists()
+
+    bad = Tokenizer([], {"<|endoftext|>": 256}).to_dict() | {"pattern": "[a-z]+"}  # as an older lmforge saved it
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.json").write_text(json.dumps(bad), encoding="utf-8")
+    proc = lmforge("data", "prepare", "--input", str(verdict), "--tokenizer", str(tmp_path / "old"), "--out", str(tmp_path / "data"), check=False)
+    one_line_error(proc, str(tmp_path / "old" / "tokenizer.json").encode(), b"does not cover every character")
+    assert not (tmp_path / "data").exists()
+    proc = lmforge("tokenizer", "encode", "--tokenizer", str(tmp_path / "old"), stdin=b"Hello, World 123", check=False)
+    one_line_error(proc, b"does not cover every character")
+
+
+def test_train_refuses_a_pattern_that_matches_the_empty_string(verdict, tmp_path):
+    """'x*' used to save a tokenizer on which every encode panicked inside tiktoken."""
+    proc = lmforge("tokenizer", "train", "--input", str(verdict), "--pattern", "x*", "--out", str(tmp_path / "t"), check=False)
+    one_line_error(proc, b"can match the empty string")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_custom_pattern_with_a_catch_all_trains(verdict, tmp_path):
+    lmforge("tokenizer", "train", "--input", str(verdict), "--vocab-size", "300", "--pattern", r"[a-z]+|\s+|.", "--out", str(tmp_path / "t"))
+    text = "Hello, World 123 대한민국 🙂"
+    ids = json.loads(lmforge("tokenizer", "encode", "--tokenizer", str(tmp_path / "t"), stdin=text.encode()).stdout)
+    assert lmforge("tokenizer", "decode", "--tokenizer", str(tmp_path / "t"), stdin=json.dumps(ids).encode()).stdout == text.encode()
+
+
+def test_out_that_is_a_file_is_refused_before_training(verdict, tmp_path):
+    """`--out EXISTING_FILE` used to train, then end in FileExistsError."""
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        proc = lmforge("tokenizer", "train", "--input", str(verdict), "--out", str(out), check=False)
+        one_line_error(proc, b"is a file, not a folder", b"--out")
+        assert b"read " not in proc.stderr  # refused before the corpus was read
+        proc = lmforge("tokenizer", "from-gpt2", "--encoder-json", str(shared("gpt2/encoder.json")), "--vocab-bpe", str(shared("gpt2/vocab.bpe")), "--out", str(out), check=False)
+        one_line_error(proc, b"is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_out_json_file_is_written_and_replaced_only_with_overwrite(verdict, tmp_path):
+    out = tmp_path / "my.json"
+    lmforge("tokenizer", "train", "--input", str(verdict), "--vocab-size", "300", "--out", str(out))
+    assert Tokenizer.load(out).vocab_size == 300
+    proc = lmforge("tokenizer", "train", "--input", str(verdict), "--vocab-size", "280", "--out", str(out), check=False)
+    one_line_error(proc, b"already exists", b"--overwrite")
+    lmforge("tokenizer", "train", "--input", str(verdict), "--vocab-size", "280", "--out", str(out), "--overwrite")
+    assert Tokenizer.load(out).vocab_size == 280
+    (tmp_path / "d" / "tokenizer.json").mkdir(parents=True)
+    proc = lmforge("tokenizer", "train", "--input", str(verdict), "--out", str(tmp_path / "d"), "--overwrite", check=False)
+    one_line_error(proc, b"is a folder")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("flag", ["--tokenizer", "--encoder-json", "--vocab-bpe", "tok-folder"])
+def test_fifos_are_refused_not_read(trained, tmp_path, flag):
+    """A FIFO with no writer would block the command forever."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    if flag == "--tokenizer":
+        args = ["encode", "--tokenizer", str(fifo)]
+    elif flag == "tok-folder":
+        (tmp_path / "tok").mkdir()
+        os.mkfifo(tmp_path / "tok" / "tokenizer.json")
+        args = ["stats", "--tokenizer", str(tmp_path / "tok"), str(shared("llms-from-scratch/the-verdict.txt"))]
+    else:
+        files = {"--encoder-json": str(shared("gpt2/encoder.json")), "--vocab-bpe": str(shared("gpt2/vocab.bpe")), flag: str(fifo)}
+        args = ["from-gpt2", *[x for kv in files.items() for x in kv], "--out", str(tmp_path / "o")]
+    one_line_error(lmforge("tokenizer", *args, stdin=b"x", check=False), b"not a regular file but a FIFO")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, b"not found at"),
+        (lambda p: p.mkdir(), b"not a regular file but a folder"),
+        (lambda p: p.write_bytes(b"\xff\xfe{}"), b"not UTF-8"),
+        (lambda p: p.write_text("[1, 2]"), b"not GPT-2's encoder.json"),
+        (lambda p: p.write_text('{"a": [1]}'), b"not GPT-2's encoder.json"),
+        (lambda p: p.write_text('{"a": '), b"not valid JSON"),
+    ],
+)
+def test_bad_encoder_json_is_one_clear_line(tmp_path, make, message):
+    make(tmp_path / "encoder.json")
+    proc = lmforge("tokenizer", "from-gpt2", "--encoder-json", str(tmp_path / "encoder.json"), "--vocab-bpe", str(shared("gpt2/vocab.bpe")), "--out", str(tmp_path / "o"), check=False)
+    one_line_error(proc, message)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, b"no tokenizer at"),
+        (lambda p: p.mkdir(), b"no tokenizer at"),
+        (lambda p: (p.mkdir(), (p / "tokenizer.json").write_text('{"format": "lmforge.tok')), b"truncated or not JSON"),
+        (lambda p: (p.mkdir(), (p / "tokenizer.json").write_text("[]")), b"it holds a JSON list"),
+        (lambda p: (p.mkdir(), (p / "tokenizer.json").write_bytes(b"\xff")), b"not UTF-8"),
+    ],
+)
+@pytest.mark.parametrize("cmd", ["encode", "decode", "stats"])
+def test_bad_tokenizer_is_one_clear_line(tmp_path, make, message, cmd):
+    make(tmp_path / "tok")
+    extra = [str(shared("llms-from-scratch/the-verdict.txt"))] if cmd == "stats" else []
+    one_line_error(lmforge("tokenizer", cmd, "--tokenizer", str(tmp_path / "tok"), *extra, stdin=b"[1]", check=False), message)

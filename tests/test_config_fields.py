@@ -50,3 +50,15 @@ def test_an_adapters_config_gives_its_lora_settings_and_nothing_else():
     meta = {"format": "lmforge.adapter", "version": 1, **cfg.to_dict(), "base": "x", "trainable": ["score.weight"]}
     assert LoRAConfig.from_adapter_config(meta) == cfg
     assert LoRAConfig.from_adapter_config({"format": "lmforge.adapter", "r": 2}) == LoRAConfig(r=2)
+
+
+def test_the_three_settings_classes_check_value_types():
+    with pytest.raises(LmforgeError, match=r'model config: n_layer must be an integer, got "four" \(a string\)'):
+        Config.from_dict({"n_layer": "four"})
+    with pytest.raises(LmforgeError, match=r'lr.toml: lr must be a number, got "fast" \(a string\)'):
+        TrainConfig.from_dict({"lr": "fast"}, "lr.toml")
+    with pytest.raises(LmforgeError, match=r'LoRA config: r must be an integer, got "8" \(a string\)'):
+        LoRAConfig.from_dict({"r": "8"})
+    with pytest.raises(LmforgeError, match=r"LoRA config: targets must be a list of strings"):
+        LoRAConfig.from_dict({"targets": [1]})
+    assert LoRAConfig.from_dict({"alpha": 8, "targets": ["q"]}) == LoRAConfig(alpha=8, targets=("q",))  # an int is a number

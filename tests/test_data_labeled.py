@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 
 import pytest
 import torch
@@ -13,7 +14,16 @@ from hypothesis import strategies as st
 
 from lmforge.config import Config
 from lmforge.data.batches import EpochSampler
-from lmforge.data.labeled import ClassificationBatches, Example, balanced_split, pad_rows, read_labeled, save_split, split_sizes
+from lmforge.data.labeled import (
+    ClassificationBatches,
+    Example,
+    balanced_split,
+    min_per_class,
+    pad_rows,
+    read_labeled,
+    save_split,
+    split_sizes,
+)
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT, last_real_index
 from lmforge.tokenizer import Tokenizer
@@ -62,15 +72,74 @@ def test_balanced_split_has_the_books_sizes_and_is_balanced(sms):
 def test_balanced_split_properties(counts, fractions, seed):
     examples = [Example(f"{c}-{i}", c) for c, n in enumerate(counts) for i in range(n)]
     m = min(counts)
+    sizes = split_sizes(m * len(counts), fractions)
+    enough = all(size >= len(counts) for size, f in zip(sizes, fractions) if f > 0)
+    if len(counts) < 2 or not enough:  # one class, or a split that would miss a class: refused, saying why
+        with pytest.raises(LmforgeError, match="only one class" if len(counts) < 2 else f"every class needs at least {min_per_class(len(counts), fractions)} rows"):
+            balanced_split(examples, fractions=fractions, seed=seed)
+        return
+    assert m >= min_per_class(len(counts), fractions)
     splits = balanced_split(examples, fractions=fractions, seed=seed)
-    assert tuple(len(splits[k]) for k in ("train", "val", "test")) == split_sizes(m * len(counts), fractions)
-    for rows in splits.values():
+    assert tuple(len(splits[k]) for k in ("train", "val", "test")) == sizes
+    for name, rows in splits.items():
         c = collections.Counter(e.label for e in rows)
         per = [c[k] for k in range(len(counts))]
         assert max(per) - min(per) <= 1
+        assert min(per) >= 1 or len(rows) == 0 and fractions[("train", "val", "test").index(name)] == 0
     used = [e.text for rows in splits.values() for e in rows]
     assert len(set(used)) == len(used) == m * len(counts)
     assert collections.Counter(int(t.split("-")[0]) for t in used) == dict.fromkeys(range(len(counts)), m)
+
+
+def test_one_class_is_refused_naming_it():
+    """Regression: a file with one class trained and reported 100% accuracy."""
+    ham = [Example(f"m{i}", 0) for i in range(50)]
+    with pytest.raises(LmforgeError, match=r"only one class \(label 0: 50\); a classifier needs examples of at least two classes"):
+        balanced_split(ham)
+    with pytest.raises(LmforgeError, match=r"only one class \(ham: 50, spam: 0\)"):
+        balanced_split(ham, label_names=["ham", "spam"])
+
+
+def test_too_few_rows_say_what_each_class_has_and_needs():
+    """Regression: with four rows the error talked about batch sizes."""
+    four = [Example("a", 0), Example("b", 1), Example("c", 0), Example("d", 1)]
+    message = (
+        r"too few examples for a balanced train/val/test split \(0.7, 0.1, 0.2\): with 2 rows of each class "
+        r"\(the smallest class's count\), val would get 0 rows, fewer than one per class \(2 classes\). "
+        r"Rows per class: ham: 2, spam: 2; every class needs at least 10 rows"
+    )
+    with pytest.raises(LmforgeError, match=message):
+        balanced_split(four, label_names=["ham", "spam"])
+    lopsided = [Example(f"h{i}", 0) for i in range(100)] + [Example(f"s{i}", 1) for i in range(9)]
+    with pytest.raises(LmforgeError, match="with 9 rows of each class .*Rows per class: ham: 100, spam: 9; every class needs at least 10"):
+        balanced_split(lopsided, label_names=["ham", "spam"])
+    with pytest.raises(LmforgeError, match=r"\(per_class\), val would get 1 row, .*at least 10"):
+        balanced_split(lopsided + [Example("s9", 1)], per_class=5)
+    splits = balanced_split(lopsided + [Example("s9", 1)])  # 10 of each: every split holds both classes
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [14, 2, 4]
+    assert all({e.label for e in splits[s]} == {0, 1} for s in splits)
+
+
+def test_min_per_class():
+    assert [min_per_class(k) for k in (2, 3, 5, 10)] == [10, 10, 10, 10]
+    assert min_per_class(2, (1, 0, 0)) == 1 and min_per_class(4, (0.5, 0.25, 0.25)) == 4
+    for k in (2, 3, 7):
+        for fractions in [(0.7, 0.1, 0.2), (0.8, 0.1, 0.1), (0.5, 0.25, 0.25)]:
+            p = min_per_class(k, fractions)
+            assert min(split_sizes(p * k, fractions)) >= k > min(split_sizes((p - 1) * k, fractions))
+
+
+def test_read_labeled_refuses_a_device_or_fifo_without_blocking(tmp_path):
+    """Regression: /dev/zero read forever; a FIFO blocked the reader."""
+    os.mkfifo(tmp_path / "pipe.tsv")
+    with pytest.raises(LmforgeError, match="pipe.tsv is not a regular file: it is a FIFO"):
+        read_labeled(tmp_path / "pipe.tsv")
+    with pytest.raises(LmforgeError, match="/dev/zero is not a regular file: it is a character device"):
+        read_labeled("/dev/zero")
+    with pytest.raises(LmforgeError, match="is not a regular file: it is a folder"):
+        read_labeled(tmp_path)
+    with pytest.raises(LmforgeError, match="no file at"):
+        read_labeled(tmp_path / "missing.tsv")
 
 
 def test_balanced_split_rejects_bad_arguments():

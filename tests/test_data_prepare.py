@@ -163,12 +163,15 @@ def test_dtype_is_uint16_up_to_65536_ids_then_uint32(tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="uint32"):
         token_dtype(2**32 + 1)
 
-    big = Tokenizer(merges=[], special_tokens={"<|endoftext|>": 70000})
+    # 256 bytes + 65,280 two-byte merges + <|endoftext|> = 65,537 ids (special ids continue the vocabulary)
+    merges = [(a, b) for a in range(256) for b in range(256)][: 65536 - 256]
+    big = Tokenizer(merges=merges, special_tokens={"<|endoftext|>": 65536})
+    assert big.vocab_size == 65537
     write_texts(tmp_path / "corpus", ["wide ids", "second"])
     data = prepare([tmp_path / "corpus"], big, tmp_path / "out", val_fraction=0)
     assert data.meta["dtype"] == "uint32" and data.split("train").dtype == np.uint32
     assert ids(data.split("train")) == expected_tokens(big, ["wide ids", "second"])
-    assert 70000 in ids(data.split("train"))
+    assert 65536 in ids(data.split("train"))
     assert (tmp_path / "out" / "train.bin").stat().st_size == 4 * data.num_tokens("train")
 
 
@@ -234,15 +237,97 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
 def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
     tok = small_tokenizer()
     write_texts(tmp_path / "corpus", DOCS[:2])
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
+    prepare([tmp_path / "corpus"], tok, tmp_path / "out", val_fraction=0)
     with pytest.raises(LmforgeError, match="already exists.*--overwrite"):
         prepare([tmp_path / "corpus"], tok, tmp_path / "out")
+
+    write_texts(tmp_path / "corpus", DOCS[:3])
+    data = prepare([tmp_path / "corpus"], tok, tmp_path / "out", overwrite=True, val_fraction=0)
+    assert ids(data.split("train")) == expected_tokens(tok, DOCS[:3])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+
+
+def test_overwrite_never_replaces_a_folder_of_other_files(tmp_path: Path) -> None:
+    """Regression: --overwrite replaced any folder, deleting a user's unrelated files."""
+    tok = small_tokenizer()
+    write_texts(tmp_path / "corpus", DOCS[:2])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(LmforgeError, match=r"out already exists and is a folder that is not a data folder \(it has no meta.json"):
+            prepare([tmp_path / "corpus"], tok, tmp_path / "out", overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"] and (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+    (tmp_path / "out" / "meta.json").write_text(json.dumps({"format": "something else"}))  # a meta.json, not ours
+    with pytest.raises(LmforgeError, match="not a data folder"):
+        prepare([tmp_path / "corpus"], tok, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
-    data = prepare([tmp_path / "corpus"], tok, tmp_path / "out", overwrite=True, val_fraction=0)
-    assert not (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(LmforgeError, match="file already exists and is a file"):
+        prepare([tmp_path / "corpus"], tok, tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "a file"
+
+    (tmp_path / "empty").mkdir()  # nothing to lose: an empty folder may be replaced
+    data = prepare([tmp_path / "corpus"], tok, tmp_path / "empty", overwrite=True, val_fraction=0)
     assert ids(data.split("train")) == expected_tokens(tok, DOCS[:2])
+    assert _leftovers(tmp_path) == []
+
+
+def test_output_that_is_or_holds_an_input_is_refused(tmp_path: Path) -> None:
+    """Regression: `--input corpus/books --out corpus --overwrite` deleted the corpus it had just read."""
+    tok = small_tokenizer()
+    books = write_texts(tmp_path / "corpus" / "books", DOCS[:2])
+    prepare([tmp_path / "corpus" / "books"], tok, tmp_path / "data", val_fraction=0)
+    before = sorted(str(p) for p in (tmp_path / "corpus").rglob("*"))
+    cases = [
+        ([tmp_path / "corpus" / "books"], tmp_path / "corpus", "holds the input"),
+        ([tmp_path / "corpus" / "books"], tmp_path / "corpus" / "books", "holds the input"),
+        ([books[0]], books[0], "is an input"),
+        ([str(tmp_path / "corpus" / "books" / "*.txt")], tmp_path / "corpus", "holds the input"),
+        ([tmp_path / "corpus" / "books" / ".." / "books"], tmp_path / "corpus" / "books", "holds the input"),
+    ]
+    for inputs, out, message in cases:
+        for overwrite in (False, True):
+            with pytest.raises(LmforgeError, match=message + ".*would replace the corpus it reads"):
+                prepare(inputs, tok, out, overwrite=overwrite)
+    assert sorted(str(p) for p in (tmp_path / "corpus").rglob("*")) == before
+
+    # a data folder that a symbolic link in the corpus points into holds an input: the linked file
+    (tmp_path / "data" / "note.txt").write_text("a note that is read as input")
+    (tmp_path / "corpus" / "link.txt").symlink_to(tmp_path / "data" / "note.txt")
+    with pytest.raises(LmforgeError, match="holds the input .*link.txt"):
+        prepare([tmp_path / "corpus"], tok, tmp_path / "data", overwrite=True)
+    assert (tmp_path / "data" / "note.txt").exists()
+
+    # an --out inside an input folder is fine: it is not read (no text files) and nothing of the corpus is replaced
+    (tmp_path / "corpus" / "link.txt").unlink()
+    prepare([tmp_path / "corpus"], tok, tmp_path / "corpus" / "tokens", val_fraction=0)
+    data = prepare([tmp_path / "corpus"], tok, tmp_path / "corpus" / "tokens", overwrite=True, val_fraction=0)
+    assert ids(data.split("train")) == expected_tokens(tok, DOCS[:2])
+
+
+def test_output_that_is_the_current_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: `--out .` was a raw ValueError."""
+    tok = small_tokenizer()
+    write_texts(tmp_path / "corpus", DOCS[:2])
+    prepare([tmp_path / "corpus"], tok, tmp_path / "work" / "data", val_fraction=0)
+    monkeypatch.chdir(tmp_path / "work" / "data")
+    for out in (".", "", "..", "./", "/"):
+        with pytest.raises(LmforgeError, match="names no folder of its own"):
+            prepare([tmp_path / "corpus"], tok, out, overwrite=True)
+    for out in (tmp_path / "work" / "data", tmp_path / "work", Path("../data")):  # a data folder, but the one we are in
+        with pytest.raises(LmforgeError, match="is the current folder or holds it"):
+            prepare([tmp_path / "corpus"], tok, out, overwrite=True)
+    assert (tmp_path / "work" / "data" / "meta.json").exists()
+
+
+def test_workers_must_be_positive(tmp_path: Path) -> None:
+    write_texts(tmp_path / "corpus", DOCS[:2])
+    for bad in (0, -1):
+        with pytest.raises(LmforgeError, match="--workers"):
+            prepare([tmp_path / "corpus"], small_tokenizer(), tmp_path / "out", num_threads=bad)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_file_bigger_than_a_chunk_gives_the_tokens_of_the_whole_text(

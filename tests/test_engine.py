@@ -172,3 +172,95 @@ def test_stream_never_splits_a_character(gpt2_tok, monkeypatch):
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert any(p == "" for p in pieces)  # held back while a character was incomplete
+
+
+# --- bad requests: clear errors before any work, the same from the API and the CLI ---------------
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
+        (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(temperature="0.7"), "temperature must be"),
+        (dict(top_k=0), "top_k must be a whole number >= 1"),
+        (dict(top_k=-3), "top_k must be a whole number >= 1"),
+        (dict(top_k=2.5), "top_k must be a whole number >= 1"),
+        (dict(top_p=-0.1), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_sampling_params_refuse_values_out_of_range(kw, message):
+    """Regression: temperature nan/inf were accepted and failed later inside torch.multinomial."""
+    with pytest.raises(LmforgeError, match=message):
+        SamplingParams(**kw)
+
+
+def test_a_tiny_temperature_samples_the_greedy_token():
+    """1e-45 is a valid temperature: logits / T overflowed to inf and softmax gave NaN."""
+    logits = torch.randn(3, 40)
+    for t in (1e-45, 1e-30):
+        drawn = sample(logits, SamplingParams(temperature=t, top_p=0.9), torch.Generator().manual_seed(0))
+        assert torch.equal(drawn, logits.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def nano_engine():
+    return Engine(make_model("nano", vocab_size=100))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(max_new_tokens=-5), "max_new_tokens must be a whole number >= 1 .*got -5"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a whole number >= 1"),
+        (dict(max_new_tokens=3.0), "max_new_tokens must be a whole number >= 1"),
+        (dict(stop_ids=[99999]), r"stop id 99999 is outside the model's vocabulary of 100 ids \(0..99\)"),
+        (dict(stop_ids=[-1]), "stop id -1 is outside the model's vocabulary of 100 ids"),
+        (dict(stop_ids=["7"]), "stop id '7' is not a token id"),
+        (dict(stop_strings=[""]), "a stop string is empty"),
+        (dict(stop_strings=["ok"]), "stop strings need a tokenizer"),
+        (dict(seed=-1), "seed must be a whole number from 0"),
+        (dict(seed=2**64), "seed must be a whole number from 0"),
+    ],
+)
+def test_bad_requests_are_refused_by_generate_stream_and_steps(nano_engine, kw, message):
+    """Regression: max_new_tokens -5 was a KV-cache shape error; '' as a stop string silently generated
+    nothing; a stop id outside the vocabulary was accepted."""
+    request = dict(max_new_tokens=4) | kw
+    with pytest.raises(LmforgeError, match=message):
+        nano_engine.generate([[5, 6]], **request)
+    with pytest.raises(LmforgeError, match=message):
+        list(nano_engine.stream([5, 6], **request))
+    if set(kw) <= {"max_new_tokens", "seed"}:
+        with pytest.raises(LmforgeError, match=message):
+            next(nano_engine.steps([[5, 6]], sampling=GREEDY, **request))
+
+
+def test_a_bad_prompt_id_is_the_one_blamed(nano_engine):
+    """Regression: the prompt 5,-2 was reported as having id 5 outside the vocabulary."""
+    with pytest.raises(LmforgeError, match=r"prompt has token id -2 \(at position 1\), outside the vocabulary 0..99"):
+        nano_engine.generate([[5, -2]], max_new_tokens=2)
+    with pytest.raises(LmforgeError, match=r"prompt has token id 100 \(at position 2\)"):
+        nano_engine.generate([[1, 2, 100, 3, -7]], max_new_tokens=2)
+
+
+def test_prompts_must_be_a_list_of_prompts(nano_engine):
+    for prompts in ("hello", [5, 6, 7]):
+        with pytest.raises(LmforgeError, match="generate takes a list of prompts"):
+            nano_engine.generate(prompts, max_new_tokens=2)
+    with pytest.raises(LmforgeError, match="no prompts given"):
+        nano_engine.generate([], max_new_tokens=2)
+
+
+def test_a_lone_stop_id_or_string_counts_as_a_list_of_one(text_engine):
+    free = text_engine.generate(["To be, or not"], max_new_tokens=20, sampling=GREEDY)[0]
+    as_list = text_engine.generate(["To be, or not"], max_new_tokens=20, sampling=GREEDY, stop_ids=[free.ids[4]])[0]
+    lone = text_engine.generate(["To be, or not"], max_new_tokens=20, sampling=GREEDY, stop_ids=free.ids[4])[0]
+    assert lone == as_list and lone.finish_reason == "stop"
+    stop = free.text[6:9]
+    assert (text_engine.generate(["To be, or not"], max_new_tokens=20, sampling=GREEDY, stop_strings=stop)[0]
+            == text_engine.generate(["To be, or not"], max_new_tokens=20, sampling=GREEDY, stop_strings=[stop])[0])

@@ -223,6 +223,7 @@ def test_merged_logits_equal_unmerged(family, rslora):
     seed=st.integers(0, 2**16),
 )
 def test_merge_unmerge_round_trip(n_in, n_out, r, alpha, rslora, bias, seed):
+    r = min(r, n_in, n_out)  # a larger rank is refused (test_rank_above_the_layer_is_refused)
     torch.manual_seed(seed)
     layer = LoRALinear(n_in, n_out, bias=bias, r=r, alpha=alpha, rslora=rslora)
     nn.init.normal_(layer.lora_b, std=0.1)
@@ -571,3 +572,29 @@ def test_a_classifier_adapter_carries_its_head(tmp_path):
     merged = load(tmp_path / "merged")
     assert merged.config.labels == labels
     assert max_diff(merged(x), scores) <= TOL
+
+
+def test_rank_above_the_layer_is_refused_naming_it():
+    """Regression: r > min(in_features, out_features) was accepted without a word. B A has rank at most
+    min(in, out), so such an r only adds parameters (and changes alpha / r): refused, not warned."""
+    model = GPT(Config.from_name("nano", vocab_size=64, n_layer=1, context_length=16, n_embd=32, n_head=4, n_kv_head=2, mlp_hidden=48))
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    with pytest.raises(
+        LmforgeError,
+        match=r"LoRA rank r=17 is larger than the layer blocks.0.attn.k \(32 inputs, 16 outputs\), the narrowest of the 7 target "
+        r"layers: its update B A can have rank at most 16, .*lower r \(--lora-r\) to at most 16",
+    ):
+        apply_lora(model, LoRAConfig(r=17, targets=("all-linear",)), trainable=["norm_f"])
+    assert lora_layers(model) == []  # nothing changed: no layer converted, no parameter frozen
+    assert all(p.requires_grad == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+    with pytest.raises(LmforgeError, match=r"r=33 is larger than the layer blocks.0.attn.q \(32 inputs, 32 outputs\): .*at most 32"):
+        apply_lora(model, LoRAConfig(r=33, targets=("q",)))
+    report = apply_lora(model, LoRAConfig(r=16, targets=("all-linear",)))  # r = the narrowest layer's size is fine
+    assert len(report.layers) == 7 and all(m.r == 16 for _, m in lora_layers(model))
+
+    with pytest.raises(LmforgeError, match=r"r=8 is larger than this layer \(4 inputs, 3 outputs\)"):
+        LoRALinear(4, 3, r=8)
+    linear = nn.Linear(2, 10)
+    with pytest.raises(LmforgeError, match="r=4 is larger than this layer"):
+        LoRALinear.from_linear(linear, LoRAConfig(r=4))
+    assert type(linear) is nn.Linear and not hasattr(linear, "lora_a")

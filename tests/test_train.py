@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import shared
 from data_fixtures import small_tokenizer
+from train_fixtures import tiny_cfg
 
 import lmforge
 from lmforge import LmforgeError
@@ -36,17 +37,6 @@ def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "verdict"
     prepare([shared("llms-from-scratch/the-verdict.txt")], small_tokenizer(), out, val_fraction=0.1)
     return out
-
-
-def tiny_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
-    values = dict(
-        data=str(data_dir), out=str(out), preset="nano", context_length=32, batch_size=4, grad_accum=2, max_steps=8,
-        lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4, eval_batches=2, save_every=2, keep_last=2, log_every=1,
-        sample_prompts=["I had"], sample_tokens=4, seed=7,
-        model={"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "mlp_hidden": 128, "dropout": 0.1},
-    )
-    values.update(kw)
-    return TrainConfig(**values)
 
 
 def fit(cfg: TrainConfig, loss_fn=None, say=None):

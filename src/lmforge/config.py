@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.fields import dataclass_from_dict
+from lmforge.fields import check_fields
 from lmforge.io import atomic_write_text
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu_tanh", "gelu", "swiglu")  # gelu_tanh is GPT-2's "gelu_new"
 POSITIONS = ("learned", "rope")
 ATTENTIONS = ("sdpa", "reference")
+POSITIVE = ("vocab_size", "context_length", "n_layer", "n_head", "n_embd")
+DERIVED_WHEN_ZERO = ("n_kv_head", "head_dim", "mlp_hidden")  # 0: from n_head / n_embd
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Config:
     labels: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._check_sizes()  # before anything is derived from them
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.n_head and not self.head_dim:
             if self.n_embd % self.n_head:
@@ -63,8 +68,36 @@ class Config:
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.validate()
 
+    def _check_sizes(self) -> None:
+        """Sizes are positive; those where 0 means "derive it" are not negative; the
+        numbers are finite and in range."""
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise LmforgeError(f"{name} must be a positive integer, got {value!r}")
+        for name in DERIVED_WHEN_ZERO:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise LmforgeError(f"{name} must be a positive integer (or 0: derived from the other sizes), got {value!r}")
+        if self.n_kv_head > self.n_head:
+            raise LmforgeError(
+                f"n_kv_head={self.n_kv_head} is more than n_head={self.n_head}: each key/value head serves a group of "
+                f"query heads; choose n_kv_head among {_divisors(self.n_head)} (or 0: as many as n_head)"
+            )
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise LmforgeError(f"{name} must be a positive number, got {value!r}")
+        if not _is_number(self.init_std) or not 0 <= self.init_std < math.inf:
+            raise LmforgeError(f"init_std must be a number >= 0, got {self.init_std!r}")
+        if self.rope_scaling is not None:
+            bad = {k: v for k, v in self.rope_scaling.items() if not _is_number(v) or not 0 < v < math.inf}
+            if bad:
+                raise LmforgeError(f"rope_scaling values must be positive numbers, got {bad}")
+
     def validate(self) -> None:
         """Reject combinations that cannot build, saying how to fix them."""
+        self._check_sizes()
         for name, value, allowed in (
             ("norm", self.norm, NORMS),
             ("mlp", self.mlp, MLPS),
@@ -73,7 +106,7 @@ class Config:
         ):
             if value not in allowed:
                 raise LmforgeError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "mlp_hidden"):
+        for name in DERIVED_WHEN_ZERO:  # derived by now: positive
             if getattr(self, name) <= 0:
                 raise LmforgeError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_head % self.n_kv_head:
@@ -115,8 +148,16 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Config:
-        return dataclass_from_dict(cls, d, "model config", key="config field")
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> Config:
+        """A config from its JSON fields, each checked for its type; `source` (a file)
+        is named in any error, a value that does not fit included."""
+        values = check_fields(cls, d, source or "model config", key="config field")
+        try:
+            return cls(**values)
+        except LmforgeError as e:
+            if source is None:
+                raise
+            raise LmforgeError(f"{source}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `config.json` into the folder `path`."""
@@ -126,18 +167,31 @@ class Config:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Config:
+        """`config.json` of a model folder (or that file itself), every field checked."""
+        if path is None or str(path) == "":
+            raise LmforgeError("no model config given: name a model folder or its config.json")
         p = Path(path)
         file = p / "config.json" if p.is_dir() else p
+        if file.exists() and not file.is_file():  # a FIFO or a device would block or never end
+            raise LmforgeError(f"{file} is not a regular file; name a model folder or its config.json")
         try:
-            return cls.from_dict(json.loads(file.read_text(encoding="utf-8")))
+            d = json.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise LmforgeError(f"no config.json at {p}") from None
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise LmforgeError(f"cannot read {file}: {e.strerror or e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LmforgeError(f"{file} is truncated or not JSON ({e})") from None
+        return cls.from_dict(d, source=str(file))
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 _GPT2 = dict(vocab_size=50257, context_length=1024, norm="layernorm", mlp="gelu_tanh", positions="learned", bias=True, tie_embeddings=True)

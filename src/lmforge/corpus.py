@@ -13,11 +13,13 @@ import glob
 import json
 import os
 import re
+import stat
 import sysconfig
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from lmforge.errors import LmforgeError
 
@@ -53,32 +55,88 @@ def corpus_paths(inputs: Sequence[str | os.PathLike] | None, say: Callable[[str]
     return files
 
 
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is not a regular file ("a FIFO (named pipe)", "a character
+    device", "a folder", "a broken symbolic link to ...", "missing"); None for a regular
+    file. Only `stat`s the path: a FIFO or a device is never opened, so this never blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "input") -> None:
+    """Refuse anything but a regular file (a FIFO would block reading, /dev/zero never ends)."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise LmforgeError(f"{what} {str(path)!r} does not exist")
+    if kind is not None:
+        raise LmforgeError(f"{what} {str(path)!r} is not a regular file: it is {kind}; give a text file")
+
+
 def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files, folders (recursively, text suffixes only) and globs into a sorted, de-duplicated list."""
+    """Expand files, folders (recursively, text suffixes only) and globs into a sorted, de-duplicated list.
+
+    Every path returned is a regular file: a FIFO, a device or a socket named directly,
+    matched by a glob or met in a folder under a text suffix is refused (reading one
+    would block or never end), and so is a broken symbolic link.
+    """
     found: list[Path] = []
     for item in inputs:
+        if not str(item).strip():  # Path("") is the current folder: never what an empty --input meant
+            raise LmforgeError("an --input is empty; name a text file, a folder or a glob")
         p = Path(item)
-        if p.is_file():
+        kind = file_kind(p)
+        if kind is None:
             found.append(p)
-        elif p.is_dir():
+        elif kind == "a folder":
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-                found.extend(
-                    Path(dirpath) / f
-                    for f in sorted(filenames)
-                    if not f.startswith(".") and Path(f).suffix.lower() in TEXT_SUFFIXES
-                )
-        elif _GLOB_CHARS & set(str(item)):
-            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if Path(m).is_file())
-            if not matches:
+                for f in sorted(filenames):
+                    if not f.startswith(".") and Path(f).suffix.lower() in TEXT_SUFFIXES:
+                        path = Path(dirpath) / f
+                        _check_found(path, f"in the input folder {str(item)!r}")
+                        found.append(path)
+        elif kind == "missing" and _GLOB_CHARS & set(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            files = []
+            for m in matches:
+                if not m.is_dir():
+                    _check_found(m, f"matched by the input glob {str(item)!r}")
+                    files.append(m)
+            if not files:
                 raise LmforgeError(f"input glob {item!r} matches no files")
-            found.extend(matches)
-        else:
+            found.extend(files)
+        elif kind == "missing":
             raise LmforgeError(f"input {str(item)!r} does not exist (give a file, a folder or a glob)")
+        else:
+            raise LmforgeError(f"input {str(item)!r} is not a regular file: it is {kind}; give a text file, a folder or a glob")
     unique = list(dict.fromkeys(found))
     if not unique:
         raise LmforgeError(f"no text files found in {', '.join(map(str, inputs))} (taken: {', '.join(sorted(TEXT_SUFFIXES))})")
     return unique
+
+
+def _check_found(path: Path, where: str) -> None:
+    kind = file_kind(path)
+    if kind is not None:
+        raise LmforgeError(f"{path} ({where}) is not a regular file: it is {kind}; remove it or give the files you want")
 
 
 @dataclass
@@ -143,7 +201,7 @@ def read_chunks(path: Path, stats: ReadStats, chunk_bytes: int | None = None) ->
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     pending = ""
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         while True:
             block = f.read(chunk_bytes)
             stats.bytes += len(block)
@@ -160,8 +218,18 @@ def read_chunks(path: Path, stats: ReadStats, chunk_bytes: int | None = None) ->
         yield pending
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading; anything else (a FIFO, /dev/zero, a folder) or an
+    unreadable file is a clear error, checked before opening so a FIFO cannot block."""
+    check_regular_file(path)
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise LmforgeError(f"cannot read input {str(path)!r}: {e.strerror}") from None
+
+
 def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[list[str]]:
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         for lineno, raw in enumerate(f, 1):
             stats.bytes += len(raw)
             line = _decode_counting(raw, codecs.getincrementaldecoder("utf-8")(errors="surrogateescape"), stats, path, final=True)

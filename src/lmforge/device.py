@@ -22,3 +22,20 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmforgeError("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
     return device
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get on `device`: free CUDA memory, or the memory
+    Linux reports available (MemAvailable: free plus reclaimable caches); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -404,6 +404,25 @@ def training_memory(config: Config, batch: int, context: int) -> Training:
     )
 
 
+def check_training_fits(config: Config, batch: int, context: int, checkpointing: bool, available: int | None) -> None:
+    """Refuse, with the numbers, a training run whose modeled peak exceeds the `available`
+    bytes (None: unknown, nothing checked), before anything is allocated: an absurd size
+    (`--set n_layer=100000`) must fail in milliseconds, not swap for a quarter of an hour."""
+    if available is None:
+        return
+    t = training_memory(config, batch, context)
+    need = t.peak_checkpointed if checkpointing else t.peak
+    if need > available:
+        gib = 2**30
+        raise LmforgeError(
+            f"this run needs about {need / gib:,.1f} GiB to train ({count_params(config).total / 1e6:,.1f}M parameters: "
+            f"weights, gradients and AdamW moments {(t.weights + t.gradients + t.adamw) / gib:,.1f} GiB, at batch {batch} x "
+            f"context {context}), but only {available / gib:,.1f} GiB are available; choose a smaller model (--preset, "
+            "--set n_layer=... / n_embd=...), a smaller --batch-size or --context-length"
+            + ("" if checkpointing else ", or --gradient-checkpointing")
+        )
+
+
 # --- everything at once ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Estimate:

@@ -8,6 +8,9 @@ Files: `atomic_file` (a temp file, fsynced, renamed over the target). Folders:
 `atomic_dir` (a hidden temp sibling, every file and folder in it fsynced, then renamed
 or atomically exchanged into place; leftovers of a crash are repaired by the next write,
 `recover_leftovers`), and `atomic_output_dir` on top of it for user-named outputs.
+
+Owners: `lock_folder` makes one process the only writer of a folder (an OS lock on
+`.lock` inside it, which the system drops when the process ends, however it ends).
 """
 
 from __future__ import annotations
@@ -15,18 +18,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmforge.errors import LmforgeError
+
+try:
+    import fcntl
+except ImportError:  # Windows: folder locks are a no-op there (see `lock_folder`)
+    fcntl = None  # type: ignore[assignment]
 
 
 def fsync_dir(path: Path) -> None:
@@ -307,3 +319,130 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise LmforgeError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     with atomic_dir(out) as tmp:
         yield tmp
+
+
+# --- folder locks -----------------------------------------------------------------------
+# One writer per folder: `flock` on `FOLDER/.lock`, which records the owner. The kernel
+# drops the lock when its process ends (a SIGKILL included), so a lock is never stale; the
+# file itself stays (deleting it would let two processes lock two different files).
+LOCK_FILE = ".lock"
+
+
+class FolderLock:
+    """A folder this process owns until `release()` (or the end of a `with` block)."""
+
+    def __init__(self, path: Path, key: tuple[int, int] | None) -> None:
+        self.path, self._key, self._released = path, key, False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._key is None:
+            return
+        with _LOCKS_GUARD:
+            held = _HELD.get(self._key)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[self._key]
+                os.close(held[0])  # closing the only descriptor releases the flock
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_HELD: dict[tuple[int, int], list[int]] = {}  # the folder's (device, inode) -> [lock fd, holders in this process]
+_LOCKS_GUARD = threading.Lock()
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a tokenizer worker) must not keep its parent's folders locked after
+    the parent dies, nor think it owns them: close its copies of the lock descriptors."""
+    for fd, _count in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def folder_owner(path: str | os.PathLike) -> dict[str, Any]:
+    """What `.lock` in `path` says about the process that owns (or last owned) it: pid,
+    host, command, since; empty when there is no such record."""
+    try:
+        owner = json.loads((Path(path) / LOCK_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _describe(owner: dict[str, Any]) -> str:
+    if not isinstance(owner.get("pid"), int):
+        return "another process"
+    details = [str(owner["command"])] if owner.get("command") else []
+    if owner.get("host") and owner["host"] != socket.gethostname():
+        details.append(f"on host {owner['host']}")
+    if isinstance(owner.get("since"), (int, float)):
+        details.append("since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["since"])))
+    return f"process {owner['pid']}" + (f" ({', '.join(details)})" if details else "")
+
+
+def lock_folder(path: str | os.PathLike, *, what: str = "folder", fix: str = "wait for it to finish or stop it") -> FolderLock:
+    """Make this process the one writer of the folder `path` (created if missing) until
+    the returned lock is released or the process ends, however it ends.
+
+    Another process holding it: `LmforgeError` "{what} PATH is in use by process PID
+    (...); {fix}". The same process locking it again shares the lock (a recipe that
+    holds a folder may call another that locks it too); it is released with the last
+    holder. Locks are advisory `flock`s: every lmforge writer takes them, nothing else
+    has to. On Windows (no `fcntl`) this is a no-op: nothing stops a second writer there.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise LmforgeError(f"{what} {path} is not a folder (a file is in the way); choose another path") from None
+    if fcntl is None:
+        return FolderLock(path, None)
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    with _LOCKS_GUARD:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return FolderLock(path, key)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LmforgeError(f"{what} {path} is in use by {_describe(folder_owner(path))}; {fix}") from None
+        except OSError as e:
+            os.close(fd)
+            raise LmforgeError(f"cannot lock {what} {path} ({e.strerror}): its file system takes no file locks; "
+                               "use a folder on a local disk") from None
+        try:
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(), "since": round(time.time(), 3)}
+            data = (json.dumps(record) + "\n").encode("utf-8")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        _HELD[key] = [fd, 1]
+        return FolderLock(path, key)
+
+
+def _command() -> str:
+    """This process's command line, short: `lmforge pretrain --out runs/x ...`."""
+    argv = list(sys.argv)
+    if argv and ("lmforge" in (Path(argv[0]).name, Path(argv[0]).parent.name if argv[0].endswith("__main__.py") else "")):
+        argv[0] = "lmforge"
+    text = " ".join(argv)
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -10,7 +10,6 @@ all of them.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_file
 from lmforge.model import GPT, rope_inv_freq
-from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, read_tokenizer_json
 from lmforge.tokenizer.llama2c import FORMAT as SENTENCEPIECE_FORMAT
 from lmforge.tokenizer.llama2c import Llama2cTokenizer
 
@@ -127,14 +126,18 @@ def retie(model: GPT, device: str | torch.device) -> GPT:
 
 
 def load_tokenizer(path: Path) -> object | None:
-    """The tokenizer saved in a model folder, of whichever kind it is, or None."""
+    """The tokenizer saved in a model folder, of whichever kind it is, or None if it has no tokenizer.json.
+
+    A tokenizer.json that is there but unreadable, truncated, not JSON or not a tokenizer is an
+    LmforgeError naming the file (never silently None).
+    """
     file = path / TOKENIZER_FILE
-    if not file.is_file():
+    if not (file.exists() or file.is_symlink()):
         return None
-    fmt = json.loads(file.read_text(encoding="utf-8")).get("format")
-    if fmt == SENTENCEPIECE_FORMAT:
-        return Llama2cTokenizer.load(path)
-    return Tokenizer.load(path)
+    file, doc = read_tokenizer_json(file)
+    if isinstance(doc, dict) and doc.get("format") == SENTENCEPIECE_FORMAT:
+        return Llama2cTokenizer.from_dict(doc, source=str(file))
+    return Tokenizer.from_dict(doc, source=str(file))
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:

@@ -2,12 +2,15 @@
 
 Each stage of the pipeline has its own module here that adds its subcommands with
 `register(subparsers)`; errors a user can fix (`LmforgeError`) print one line and
-exit 2, anything else is a bug and keeps its traceback.
+exit 2, and so do the machine's own (a full disk, a read-only folder, no memory:
+`OSError`, `MemoryError`; LMFORGE_TRACEBACK=1 shows their traceback). Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `lmforge tokenizer encode ... | head`
         return 0
+    except (OSError, MemoryError) as e:  # the machine, not the code: a full disk, a read-only folder, no memory
+        if os.environ.get("LMFORGE_TRACEBACK"):
+            raise
+        print(f"lmforge: error: {_describe(e)} (set LMFORGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error the machine raised, naming the file when there is one."""
+    if isinstance(e, MemoryError):
+        return "out of memory; choose a smaller model, batch or context"
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{what}: {where}" if where else what
 
 
 if __name__ == "__main__":

@@ -42,19 +42,22 @@ def _convert(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import load_hf, save_hf
     from lmforge.weights import load_pretrained, save_pretrained
 
+    for flag in ("from_hf", "to_hf", "from_llama2c", "from_openai_gpt2", "tokenizer", "out"):
+        if getattr(args, flag) == "":
+            raise LmforgeError(f"--{flag.replace('_', '-')} is empty; name a path")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise LmforgeError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     if args.tokenizer and not args.from_llama2c:
         raise LmforgeError("--tokenizer goes with --from-llama2c")
-    if args.to_hf:
+    if args.to_hf is not None:
         model = load_pretrained(args.to_hf)
         save_hf(model, out, overwrite=True)
         print(f"wrote {out} (Hugging Face format: config.json, model.safetensors, tokenizer files)")
         return 0
-    if args.from_hf:
+    if args.from_hf is not None:
         model = load_hf(args.from_hf)
-    elif args.from_llama2c:
+    elif args.from_llama2c is not None:
         from lmforge.interop.llama2c import load_llama2c
 
         model = load_llama2c(args.from_llama2c, tokenizer_path=args.tokenizer)

@@ -40,9 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         Document i goes to val when floor((i+1)*F) > floor(i*F): floor(n*F) documents,
         evenly spread. With too few documents for that (one file), the last F of the
         tokens become val. Bytes that are not UTF-8 are replaced by U+FFFD and counted.
+        --out is written whole or not at all; an existing one is replaced only with
+        --overwrite and only when it is a data folder (or empty), never one that holds
+        an input.
         """,
     )
-    add_corpus_flags(p, workers="encoding threads", overwrite="replace an existing --out folder")
+    add_corpus_flags(p, workers="encoding threads", overwrite="replace an existing --out folder that `data prepare` made (never other files)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (or its tokenizer.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the token files into")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of documents for validation (default: 0.1)")

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = Config.from_name(args.preset) if args.preset else Config.load(args.config)
+    config = Config.from_name(args.preset) if args.preset is not None else Config.load(args.config)
     if args.dtype not in DTYPES:
         raise LmforgeError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
     est = estimate(config, dtype=args.dtype, context=args.context, batch=args.batch)

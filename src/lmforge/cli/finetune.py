@@ -9,6 +9,7 @@ from typing import Any
 
 from lmforge.cli.common import add_command, add_group, progress_enabled
 from lmforge.cli.flags import add_flags, config_from_args
+from lmforge.cli.pretrain import exit_status
 from lmforge.recipes.config import TRAINABLE_HELP, FinetuneConfig
 
 # TrainConfig fields that describe building a model from a preset: a fine-tuning run has a --base instead
@@ -92,7 +93,7 @@ def _finetune_classify(args: argparse.Namespace) -> int:
     print(f"metrics: {result.out / 'metrics.json'}")
     print(f"try:     lmforge classify --model {result.out} \"Congratulations, you won a free cruise! Reply YES\"")
     _resume_hint(result.stopped, result.out, "classify")
-    return 0
+    return exit_status(result.stopped)
 
 
 def _finetune_instruct(args: argparse.Namespace) -> int:
@@ -109,7 +110,7 @@ def _finetune_instruct(args: argparse.Namespace) -> int:
     print(f"metrics:   {result.out / 'metrics.json'}")
     print(f"try:       lmforge chat --model {result.out}")
     _resume_hint(result.stopped, result.out, "instruct")
-    return 0
+    return exit_status(result.stopped)
 
 
 def _run(recipe: Callable[..., Any], args: argparse.Namespace) -> Any:

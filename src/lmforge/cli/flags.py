@@ -15,7 +15,9 @@ import sys
 import typing
 from typing import Any
 
+from lmforge.config import Config
 from lmforge.errors import LmforgeError
+from lmforge.fields import check_fields
 from lmforge.train.config import TrainConfig, read_config_file
 
 if sys.version_info >= (3, 11):
@@ -74,17 +76,22 @@ def _parse_value(text: str) -> Any:
 def config_from_args(args: argparse.Namespace, config_file: str | None = None, cls: type[TrainConfig] | None = None) -> TrainConfig:
     """Defaults, then the TOML file, then the flags that were given."""
     cls = cls or TrainConfig
-    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    source = str(config_file) if config_file else "flags"
+    has_file = config_file is not None  # `--config ''` is a mistake, not "no file"
+    values: dict[str, Any] = read_config_file(config_file) if has_file else {}
+    source = str(config_file) if has_file else "flags"
     for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
         if given is not None and f.name != "model":
             values[f.name] = given
-    model = dict(values.get("model", {}))
+    model = values.get("model", {})
+    if not isinstance(model, dict):  # `model = 3` in the file: the type error, naming the file
+        check_fields(cls, {"model": model}, source)
+    model = dict(model)
     for item in getattr(args, "set", []) or []:
         key, eq, text = item.partition("=")
         if not eq:
             raise LmforgeError(f"--set takes KEY=VALUE (e.g. n_layer=4), got {item!r}")
-        model[key.strip()] = _parse_value(text.strip())
+        key, value = key.strip(), _parse_value(text.strip())
+        model.update(check_fields(Config, {key: value}, f"--set {item}", key="model field"))
     values["model"] = model
     return cls.from_dict(values, source)

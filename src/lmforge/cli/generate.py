@@ -136,6 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     engine = _engine(args)
+    engine.check_request(max_new_tokens=args.max_new_tokens, seed=args.seed)  # before the first turn, not after it is typed
     session = ChatSession(engine, system=args.system, sampling=_sampling(args), max_new_tokens=args.max_new_tokens, seed=args.seed,
                           template=template_for(engine.tokenizer))
     interactive = sys.stdin.isatty()

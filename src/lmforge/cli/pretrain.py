@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096)")
     q.add_argument("--preset", default="micro", help="model preset, Llama family by default (default: micro)")
     add_corpus_flags(q, workers="processes for the tokenizer, threads for the data",
-                     overwrite="start over if --out already holds a quickstart")
+                     overwrite="replace the tokenizer/, data/ and model/ an earlier quickstart left in --out "
+                               "(only those, and never a folder that holds an --input)")
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -59,7 +60,18 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, args.config)
     result = run(cfg, say=lambda m: print(m, file=sys.stderr), progress=progress_enabled())
     _report(result, cfg.out)
-    return 0
+    return exit_status(result.stopped)
+
+
+# A run a signal stopped (after writing its checkpoint) exits as the signal asks: 128 + its
+# number, so a scheduler or a shell script can tell it from a finished run.
+STOPPED_BY = {"interrupted": 130, "terminated": 143}  # Ctrl-C (SIGINT), SIGTERM
+
+
+def exit_status(stopped: str) -> int:
+    """The exit status of a run that ended as `TrainResult.stopped` says: 0 when it
+    finished or reached its time limit, 130 after Ctrl-C, 143 after SIGTERM."""
+    return STOPPED_BY.get(stopped, 0)
 
 
 def _report(result: object, out: str) -> None:
@@ -88,11 +100,19 @@ def _quickstart(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite)
     result = run(cfg, say=say, progress=progress_enabled())
     out = Path(args.out)
-    say(f"\nDone in {(time.monotonic() - started) / 60:.1f} minutes: {result.step} steps, validation loss {result.val_loss:.3f} "
-        f"(perplexity {math.exp(result.val_loss):.1f}).")
-    say("\nWhat the model writes now (temperature 0.8, top-k 50):")
-    for text in result.samples:
-        say("  > " + text.replace("\n", "\n    "))
+    minutes = (time.monotonic() - started) / 60
+    if result.val_loss is not None:
+        val = f"validation loss {result.val_loss:.3f} (perplexity {math.exp(min(result.val_loss, 50.0)):.1f})"
+    else:
+        val = "no validation loss yet"
+    if result.stopped in STOPPED_BY:
+        say(f"\nStopped ({result.stopped}) after {minutes:.1f} minutes: {result.step} steps, {val}.")
+    else:
+        say(f"\nDone in {minutes:.1f} minutes: {result.step} steps, {val}.")
+    if result.samples:
+        say("\nWhat the model writes now (temperature 0.8, top-k 50):")
+        for text in result.samples:
+            say("  > " + text.replace("\n", "\n    "))
     say(f"\nloss curve:  {result.plot}")
     say(f"checkpoint:  {result.checkpoint}")
     say(f"metrics:     {result.metrics}")
@@ -100,4 +120,4 @@ def _quickstart(args: argparse.Namespace) -> int:
     say(f"  lmforge generate --model {out / 'model'} --prompt 'def fibonacci(n):' --max-new-tokens 100 --stream")
     say(f"  lmforge chat --model {out / 'model'}")
     say(f"  lmforge pretrain --config {out / 'model' / 'run.json'} --max-steps {result.step + 500} --resume   # train longer")
-    return 0
+    return exit_status(result.stopped)

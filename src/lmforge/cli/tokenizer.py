@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from lmforge.cli.common import add_command, add_corpus_flags, add_group, progress_enabled
 from lmforge.corpus import ReadStats, corpus_paths, iter_documents, resolve_inputs
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer, from_gpt2_files, train_bpe
+from lmforge.tokenizer import ENDOFTEXT, PATTERNS, TOKENIZER_FILE, Tokenizer, from_gpt2_files, train_bpe
+from lmforge.tokenizer.tokenizer import tokenizer_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, metavar="N", help="total ids incl. 256 bytes and specials (default: 8192)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN", help=f"extra special token (repeatable); {ENDOFTEXT} is always added")
-    p.add_argument("--pattern", default="gpt2", help=f"pre-tokenizer: {', '.join(PATTERNS)} or a regex (default: gpt2)")
+    p.add_argument("--pattern", default="gpt2", help=f"pre-tokenizer: {', '.join(PATTERNS)} or a regex that takes every character, e.g. ending in |\\s+|. (default: gpt2)")
 
     p = add_command(
         group,
@@ -94,13 +96,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", metavar="FILE")
 
 
-def _refuse_existing(out: str, overwrite: bool) -> None:
-    if (Path(out) / "tokenizer.json").exists() and not overwrite:
-        raise LmforgeError(f"{out}/tokenizer.json already exists; choose another --out or pass --overwrite")
+def _output_file(out: str, overwrite: bool) -> Path:
+    """The file `Tokenizer.save(out)` writes, refused before any work if it cannot or must not be written."""
+    if not out.strip():
+        raise LmforgeError(f"--out {out!r} is empty; name the folder to write {TOKENIZER_FILE} into (or a path ending in .json)")
+    file = tokenizer_file(out)
+    folder = file.parent
+    for p in (folder, *folder.parents):  # the nearest existing ancestor must be a folder we can write in
+        if p.exists():
+            if not p.is_dir():
+                raise LmforgeError(
+                    f"--out {out}: {p} is a file, not a folder; --out names a folder to write {TOKENIZER_FILE} into "
+                    "(or a path ending in .json): choose another --out"
+                )
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise LmforgeError(f"--out {out}: cannot write into {p} (permission denied); choose another --out")
+            break
+    if file.is_dir():
+        raise LmforgeError(f"--out {out}: {file} is a folder; choose another --out")
+    if (file.exists() or file.is_symlink()) and not overwrite:
+        raise LmforgeError(f"{file} already exists; choose another --out or pass --overwrite")
+    return file
+
+
+def _refuse_empty_paths(paths: list[str] | None, what: str) -> None:
+    """'' would read the current folder: refuse it (a shell variable that came out empty, most likely)."""
+    if any(not p.strip() for p in paths or ()):
+        raise LmforgeError(f"{what} has an empty path; give text files, folders or globs (an empty shell variable?)")
+
+
+def _save(tok: Tokenizer, out: str) -> Path:
+    try:
+        return tok.save(out)
+    except OSError as e:
+        raise LmforgeError(f"could not write {tokenizer_file(out)} ({e.strerror or e}); choose another --out") from None
 
 
 def _train(args: argparse.Namespace) -> int:
-    _refuse_existing(args.out, args.overwrite)
+    _output_file(args.out, args.overwrite)
+    _refuse_empty_paths(args.input, "--input")
     paths = corpus_paths(args.input, say=lambda message: print(message, file=sys.stderr))
     stats = ReadStats()
     chunks = (c for doc in iter_documents(paths, stats, args.text_field) for c in doc)
@@ -112,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=progress_enabled(),
     )
-    file = tok.save(args.out)
+    file = _save(tok, args.out)
     print(f"read {stats.summary()}", file=sys.stderr)
     if tok.vocab_size < args.vocab_size:
         print(f"note: the corpus ran out of pairs to merge; vocabulary is {tok.vocab_size}, not {args.vocab_size}", file=sys.stderr)
@@ -121,9 +155,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _from_gpt2(args: argparse.Namespace) -> int:
-    _refuse_existing(args.out, args.overwrite)
+    _output_file(args.out, args.overwrite)
     tok = from_gpt2_files(args.encoder_json, args.vocab_bpe)
-    file = tok.save(args.out)
+    file = _save(tok, args.out)
     print(f"wrote {file}: {tok.vocab_size:,} ids")
     return 0
 
@@ -158,6 +192,7 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    _refuse_empty_paths(args.files, "FILE")
     tok = Tokenizer.load(args.tokenizer)
     total_bytes = total_tokens = 0
     print(f"{'file':<48} {'bytes':>12} {'tokens':>12} {'bytes/token':>12}")

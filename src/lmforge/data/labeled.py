@@ -35,6 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lmforge.corpus import file_kind
 from lmforge.data.batches import EXAMPLE_SPLITS, EpochBatches
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_text
@@ -72,13 +73,18 @@ def read_labeled(
     after "2") unless `labels` gives them: SMS spam gets ["ham", "spam"], spam = 1.
     """
     path = Path(path)
-    if not path.is_file():
+    kind = file_kind(path)  # a stat only: a FIFO is never opened, so this cannot block
+    if kind == "missing":
         raise LmforgeError(f"no file at {path}")
+    if kind is not None:
+        raise LmforgeError(f"{path} is not a regular file: it is {kind}; give a labelled text file (.tsv, .csv or .jsonl)")
     fmt = format if format != "auto" else _format_of(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise LmforgeError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8") from None
+    except OSError as e:
+        raise LmforgeError(f"cannot read {path}: {e.strerror}") from None
     if fmt == "label-tab-text":
         rows = _read_label_tab_text(path, text)
     elif fmt in ("csv", "tsv"):
@@ -216,6 +222,7 @@ def balanced_split(
     per_class: int | None = None,
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 123,
+    label_names: Sequence[str] | None = None,
 ) -> dict[str, list[Example]]:
     """Undersample each class to `per_class` (default: the smallest class's count), then
     split into train/val/test with the sizes of `split_sizes` and every split balanced.
@@ -225,6 +232,11 @@ def balanced_split(
     the classes next in a cycle that runs on across splits, so each split's class
     counts differ by at most one and each class contributes exactly `per_class`. Each
     split is then shuffled. Same examples and seed, same splits; they are disjoint.
+
+    The examples must hold at least two classes, and enough of each that every split
+    with a positive fraction gets at least one row of every class (10 per class for the
+    default fractions); the error says how many rows each class has and how many are
+    needed. `label_names` (label i is `label_names[i]`) only names the classes in errors.
     """
     if not examples:
         raise LmforgeError("balanced_split needs at least one example")
@@ -232,12 +244,29 @@ def balanced_split(
     for i, ex in enumerate(examples):
         by_class.setdefault(ex.label, []).append(i)
     classes = sorted(by_class)
+    counts = _class_counts(by_class, label_names)
+    if len(classes) < 2:
+        raise LmforgeError(
+            f"the examples hold only one class ({counts}); a classifier needs examples of at least two classes "
+            "(with one, every answer is right and accuracy means nothing), so add rows of another label"
+        )
     smallest = min(len(v) for v in by_class.values())
     if per_class is None:
         per_class = smallest
     if not (isinstance(per_class, int) and 1 <= per_class <= smallest):
-        counts = {c: len(by_class[c]) for c in classes}
         raise LmforgeError(f"per_class must be between 1 and the smallest class's count {smallest} (counts {counts}), got {per_class!r}")
+    _check_fractions(fractions)
+    needed = min_per_class(len(classes), fractions)
+    if per_class < needed:
+        sizes = split_sizes(per_class * len(classes), fractions)
+        short = [f"{name} would get {size} row{'s' * (size != 1)}" for name, size, f in zip(EXAMPLE_SPLITS, sizes, fractions)
+                 if f > 0 and size < len(classes)]
+        used = "the smallest class's count" if per_class == smallest else "per_class"
+        raise LmforgeError(
+            f"too few examples for a balanced train/val/test split {tuple(fractions)}: with {per_class} rows of each class "
+            f"({used}), {', '.join(short)}, fewer than one per class ({len(classes)} classes). "
+            f"Rows per class: {counts}; every class needs at least {needed} rows"
+        )
     sizes = split_sizes(per_class * len(classes), fractions)
     rng = np.random.default_rng(seed)
     kept = {c: [by_class[c][j] for j in rng.permutation(len(by_class[c]))[:per_class]] for c in classes}
@@ -258,6 +287,26 @@ def balanced_split(
             start[c] += share[c][j]
         splits[name] = [examples[rows[k]] for k in rng.permutation(len(rows))]
     return splits
+
+
+def min_per_class(num_classes: int, fractions: Sequence[float] = (0.7, 0.1, 0.2)) -> int:
+    """The fewest rows per class for which `balanced_split` gives every split with a
+    positive fraction at least one row of each of `num_classes` classes."""
+    _check_fractions(fractions)
+    per_class = 1
+    while True:
+        sizes = split_sizes(per_class * num_classes, fractions)
+        if all(size >= num_classes for size, f in zip(sizes, fractions) if f > 0):
+            return per_class
+        per_class += 1
+
+
+def _class_counts(by_class: Mapping[int, Sequence[int]], label_names: Sequence[str] | None) -> str:
+    """"ham 4, spam 2": each class's rows, by name when the names are known (absent names count 0)."""
+    if label_names is None:
+        return ", ".join(f"label {c}: {len(by_class[c])}" for c in sorted(by_class))
+    named = {c: len(by_class.get(c, ())) for c in range(len(label_names))} | {c: len(v) for c, v in by_class.items()}
+    return ", ".join(f"{label_names[c] if 0 <= c < len(label_names) else f'label {c}'}: {n}" for c, n in sorted(named.items()))
 
 
 def save_split(splits: Mapping[str, Sequence[Example]], folder: str | os.PathLike, label_names: Sequence[str]) -> dict[str, Path]:

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmforge import __version__
-from lmforge.corpus import ReadStats, iter_documents, resolve_inputs
+from lmforge.corpus import ReadStats, file_kind, iter_documents, resolve_inputs
 from lmforge.data.tokens import FORMAT, FORMAT_VERSION, META_FILE, TOKEN_SPLITS, TokenData, token_dtype
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, atomic_write_text
@@ -177,6 +177,70 @@ def _check_tokenizer(tokenizer: Tokenizer) -> int:
     return tokenizer.eot_id
 
 
+def _is_data_folder(path: Path) -> bool:
+    """Is `path` a folder `prepare` made: its meta.json is a JSON object of our format?"""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_folder(out: str | os.PathLike, inputs: Sequence[Path]) -> None:
+    """Refuse an --out that prepare must not replace, before anything is read or written.
+
+    The folder is replaced whole, so it may be neither the current folder (or one
+    above it) nor a folder that is or holds an input; and `overwrite` replaces only a
+    data folder that `prepare` made (its meta.json says so) or an empty folder, never
+    a folder of other files. A missing `out` is always fine.
+    """
+    out = Path(out)
+    if not out.name or out.name in (".", ".."):  # ".", "..", "/", "dir/..": a folder with no name of its own
+        raise LmforgeError(
+            f"--out {str(out)!r} names no folder of its own; prepare replaces its --out folder whole, "
+            "so give a new folder's name, e.g. --out data/tokens"
+        )
+    if not os.path.lexists(out):
+        return
+    real = os.path.realpath(out)
+    lexical = os.path.join(os.path.realpath(out.parent), out.name)  # what is replaced: a symlink itself, not its target
+    if _inside(os.getcwd(), real) or _inside(os.getcwd(), lexical):
+        raise LmforgeError(
+            f"--out {out} is the current folder or holds it; prepare replaces its --out folder whole, "
+            "so name a folder outside the current one (or run from another folder)"
+        )
+    for path in inputs:
+        where = os.path.realpath(path)
+        if _inside(where, real) or _inside(where, lexical) or _inside(os.path.abspath(path), lexical):
+            what = "is an input" if os.path.realpath(path) == real else f"holds the input {path}"
+            raise LmforgeError(
+                f"--out {out} {what}; prepare would replace the corpus it reads, so write the token files "
+                f"to a folder outside the inputs, e.g. --out {out.parent / (out.name + '-tokens')}"
+            )
+    if _replaceable(out):
+        return  # without `overwrite`, atomic_output_dir says it exists and how to replace it
+    kind = file_kind(out) or "a file"
+    what = f"is {kind}" if kind != "a folder" else f"is a folder that is not a data folder (it has no {META_FILE} of format {FORMAT!r})"
+    raise LmforgeError(
+        f"--out {out} already exists and {what}; prepare replaces its --out folder whole, and --overwrite replaces only "
+        "a folder `lmforge data prepare` made (or an empty one), so choose a new --out folder"
+    )
+
+
+def _replaceable(out: Path) -> bool:
+    """A data folder prepare made, or an empty folder: nothing else is lost by replacing it."""
+    if not out.is_dir():
+        return False
+    try:
+        return _is_data_folder(out) or not any(out.iterdir())
+    except OSError:
+        return False
+
+
 def prepare(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer: Tokenizer,
@@ -192,11 +256,16 @@ def prepare(
 
     Writes train.bin, val.bin, meta.json and a copy of the tokenizer (tokenizer.json),
     so the folder is self-contained. Returns the folder opened as `TokenData`.
+    An existing `out` is refused unless `overwrite` is given and it is a data folder
+    (`check_output_folder`); a folder that is or holds an input is always refused.
     """
+    if num_threads is not None and not (isinstance(num_threads, int) and num_threads >= 1):
+        raise LmforgeError(f"--workers (num_threads) must be a positive number of threads, got {num_threads!r}")
     eot_id = _check_tokenizer(tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     is_val = val_rule(val_fraction)
     paths = resolve_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+    check_output_folder(out, paths)
     stats = ReadStats()
     bar = tqdm(total=sum(p.stat().st_size for p in paths), desc="prepare", unit="B", unit_scale=True, disable=not progress, leave=False)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -91,8 +91,37 @@ class TokenData:
         return np.memmap(self.path / self._split_meta(split)["file"], dtype=self.dtype, mode="r", shape=(n,))
 
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer the data was prepared with (the copy inside the folder)."""
-        return Tokenizer.load(self.path / self.meta["tokenizer"]["file"])
+        """The tokenizer the data was prepared with: the copy inside the folder, checked to
+        be that one (a swapped copy would train every checkpoint with the wrong tokenizer)."""
+        file = self.path / self.meta["tokenizer"]["file"]
+        tok = Tokenizer.load(file)
+        if tok.fingerprint != self.tokenizer_fingerprint or tok.vocab_size != self.vocab_size:
+            raise LmforgeError(
+                f"{file} is not the tokenizer {self.path} was prepared with: it has {tok.vocab_size:,} ids and fingerprint "
+                f"{tok.fingerprint[:12]}, {META_FILE} says {self.vocab_size:,} ids and fingerprint "
+                f"{self.tokenizer_fingerprint[:12]}; re-run `lmforge data prepare` with the tokenizer you want"
+            )
+        return tok
+
+    def check_ids(self, vocab_size: int) -> None:
+        """Every token id below `vocab_size` (a model's embedding table), checked by reading
+        each split once (memory speed): an id past the table would stop training deep in
+        the embedding with an IndexError."""
+        if self.vocab_size > vocab_size:
+            raise LmforgeError(
+                f"{self.path} was prepared with a vocabulary of {self.vocab_size:,} ids but the model has {vocab_size:,}; "
+                "drop the vocab_size override (the model takes the data's vocabulary by default)"
+            )
+        chunk = 1 << 24
+        for split in TOKEN_SPLITS:
+            tokens = self.split(split)
+            top = max((int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
+            if top >= vocab_size:
+                raise LmforgeError(
+                    f"{self.path / self._split_meta(split)['file']} holds id {top:,}, outside the vocabulary of {vocab_size:,} "
+                    f"ids its {META_FILE} promises: the file was changed or made with another tokenizer; re-run "
+                    "`lmforge data prepare`"
+                )
 
     def _split_meta(self, split: str) -> dict:
         if split not in self.meta["splits"]:

@@ -20,6 +20,7 @@ blocks, the prefetcher) are in `cpu_decode.py`; the engine only calls them.
 from __future__ import annotations
 
 import codecs
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -143,6 +144,10 @@ class Engine:
 
     # --- the step loop ---------------------------------------------------------------
     def _prompts(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, str) or any(_is_int(p) for p in prompts):
+            raise LmforgeError("generate takes a list of prompts: wrap one prompt in a list, e.g. ['Once upon'] or [[1, 2, 3]]")
+        if not prompts:
+            raise LmforgeError("no prompts given: pass at least one prompt")
         out = []
         for p in prompts:
             if isinstance(p, str):
@@ -157,10 +162,56 @@ class Engine:
                     f"prompt of {len(p)} tokens does not fit the model's context_length {self.config.context_length}; "
                     "shorten it (keep its last tokens)"
                 )
-            if max(p) >= self.config.vocab_size or min(p) < 0:
-                raise LmforgeError(f"prompt has token id {max(p)}, outside the vocabulary 0..{self.config.vocab_size - 1}")
+            bad = next(((i, t) for i, t in enumerate(p) if not 0 <= t < self.config.vocab_size), None)
+            if bad is not None:
+                raise LmforgeError(
+                    f"prompt has token id {bad[1]} (at position {bad[0]}), outside the vocabulary 0..{self.config.vocab_size - 1}"
+                )
             out.append(p)
         return out
+
+    def check_request(
+        self,
+        *,
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        stop_ids: int | Sequence[int] = (),
+        stop_strings: str | Sequence[str] = (),
+    ) -> tuple[list[int], list[str]]:
+        """Check a request's settings before any work is done; returns (stop_ids, stop_strings)
+        as lists (a lone id or string counts as a list of one).
+
+        `max_new_tokens` is a whole number >= 1; `seed` a whole number in [0, 2**64);
+        every stop id is inside the model's vocabulary (an id outside it can never be
+        generated, so it would never stop anything); no stop string is empty (it would
+        match before the first token, so nothing would be generated).
+        """
+        if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+            raise LmforgeError(f"max_new_tokens must be a whole number >= 1 (how many tokens to generate), got {max_new_tokens!r}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise LmforgeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if seed is not None and not (_is_int(seed) and 0 <= seed < 2**64):
+            raise LmforgeError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
+        ids = [stop_ids] if _is_int(stop_ids) else list(stop_ids)  # type: ignore[arg-type]
+        vocab = self.config.vocab_size
+        for t in ids:
+            if not _is_int(t):
+                raise LmforgeError(f"stop id {t!r} is not a token id (a whole number)")
+            if not 0 <= t < vocab:
+                raise LmforgeError(
+                    f"stop id {t} is outside the model's vocabulary of {vocab:,} ids (0..{vocab - 1}), so it could never stop "
+                    "generation; give an id the model can produce"
+                )
+        strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        for text in strings:
+            if not isinstance(text, str):
+                raise LmforgeError(f"stop string {text!r} is not a string")
+            if not text:
+                raise LmforgeError("a stop string is empty; it would match before the first token, so nothing would be generated: drop it")
+        if strings and self.tokenizer is None:
+            raise LmforgeError("stop strings need a tokenizer")
+        return [int(t) for t in ids], strings
 
     @torch.inference_mode()
     def steps(
@@ -168,6 +219,7 @@ class Engine:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (next token (B,), the logits it was drawn from (B, V)) per step,
         up to max_new_tokens times or until the context is full."""
+        self.check_request(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
         device = self.model.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         longest = int(lengths.max())
@@ -202,9 +254,10 @@ class Engine:
         """Complete each prompt (text or ids). A row stops at a stop id (not included in its
         ids), after the token that completes a stop string (its text is cut before the
         string), at max_new_tokens, or when the context is full."""
+        stop_ids, stop_strings = self.check_request(
+            max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings
+        )
         rows = self._prompts(prompts)
-        if stop_strings and self.tokenizer is None:
-            raise LmforgeError("stop strings need a tokenizer")
         stops = set(stop_ids)
         out: list[list[int]] = [[] for _ in rows]
         reason = ["context"] * len(rows)
@@ -241,9 +294,10 @@ class Engine:
         start of a stop string, and released once it cannot be; what is still held when
         generation ends comes last, as (None, text).
         """
+        stop_ids, stop_strings = self.check_request(
+            max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings
+        )
         rows = self._prompts([prompt])
-        if stop_strings and self.tokenizer is None:
-            raise LmforgeError("stop strings need a tokenizer")
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text, sent, previous = "", 0, rows[0][-1]
         for token, _ in self.steps(rows, max_new_tokens, sampling, seed):
@@ -281,6 +335,10 @@ class Engine:
         text = self._decode_after(prompt, ids)
         cut = _find_stop(text, stop_strings)
         return text if cut is None else text[:cut]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:

@@ -7,6 +7,8 @@ draws come from the caller's seeded `torch.Generator`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +23,25 @@ class SamplingParams:
     top_p: float | None = None  # keep the smallest set whose probability reaches p
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise LmforgeError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise LmforgeError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        t = self.temperature
+        if not _is_number(t) or not (math.isfinite(t) and t >= 0):
+            raise LmforgeError(f"temperature must be >= 0 and finite (0 is greedy), got {t!r}")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
+            raise LmforgeError(f"top_k must be a whole number >= 1 (1 is greedy), got {self.top_k!r}")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise LmforgeError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -52,6 +63,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One id per row of `logits` (B, V) -> (B,)."""
     if params.greedy:
         return logits.argmax(dim=-1)  # the first (lowest) id among equal maxima
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    logits = logits.float()
+    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = NaN
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -137,11 +137,13 @@ class LoRALinear(nn.Linear):
         same object, same weight and bias tensors, plus a zero-initialised adapter."""
         if isinstance(linear, LoRALinear):
             raise LmforgeError("this layer already has a LoRA adapter; merge it (merge_lora) or start from the base model")
+        check_rank(cfg.r, linear, "this layer")
         linear.__class__ = lora_class_for(type(linear))
         linear._add_adapter(cfg)  # type: ignore[attr-defined]
         return linear  # type: ignore[return-value]
 
     def _add_adapter(self, cfg: LoRAConfig) -> None:
+        check_rank(cfg.r, self, "this layer")
         dtype, device = self._adapter_dtype_device()
         self.r, self.alpha, self.rslora, self.scale = cfg.r, cfg.alpha, cfg.rslora, cfg.scale
         self.lora_a = nn.Parameter(torch.empty(cfg.r, self.in_features, device=device, dtype=dtype))
@@ -252,6 +254,17 @@ def lora_class_for(base: type[nn.Linear]) -> type[LoRALinear]:
     return _LORA_CLASSES[base]
 
 
+def check_rank(r: int, layer: nn.Linear, name: str, note: str = "") -> None:
+    """Refuse a rank above min(in_features, out_features): B A can have no higher rank than
+    that, so the extra rank only adds parameters (and changes alpha / r), never capacity."""
+    most = min(layer.in_features, layer.out_features)
+    if r > most:
+        raise LmforgeError(
+            f"LoRA rank r={r} is larger than {name} ({layer.in_features} inputs, {layer.out_features} outputs){note}: "
+            f"its update B A can have rank at most {most}, so a larger r only adds parameters: lower r (--lora-r) to at most {most}"
+        )
+
+
 # --- a whole model -------------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """The model's LoRA layers by name, in module order."""
@@ -322,6 +335,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, trainable: Sequence[str] = ())
         raise LmforgeError(f"the model already has LoRA adapters ({already[0][0]}, ...); merge them (merge_lora) or load a fresh base")
     names = resolve_targets(model, cfg.targets)
     modules = dict(model.named_modules())
+    # the narrowest target bounds r for them all; checked before anything changes, so a refusal leaves the model as it was
+    narrowest = min(names, key=lambda n: min(modules[n].in_features, modules[n].out_features))
+    check_rank(cfg.r, modules[narrowest], f"the layer {narrowest}", f", the narrowest of the {len(names)} target layers" if len(names) > 1 else "")
     params = list(model.named_parameters(remove_duplicate=False))  # a tied head answers to both names
     unmatched = [p for p in trainable if not any(name.startswith(p) for name, _ in params)]
     if unmatched:

@@ -60,6 +60,9 @@ def predict(model: GPT, texts: list[str], max_length: int | None = None) -> list
     if tok is None:
         raise LmforgeError("this model has no tokenizer beside its weights")
     limit = min(max_length or model.config.context_length, model.config.context_length)
+    empty = [i for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise LmforgeError(f"text {empty[0] + 1} of {len(texts)} is empty: there is nothing to label")
     model.eval()
     out = []
     for text in texts:
@@ -81,7 +84,10 @@ class ClassifyResult:
 def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool = True) -> ClassifyResult:
     with distributed_run(cfg, say) as (info, say):
         examples, labels = read_labeled(cfg.data, text_field=cfg.text_field, label_field=cfg.label_field)
-        splits = balanced_split(examples)  # the book's split (seed 123), the same whatever the training seed
+        try:  # the book's split (seed 123), the same whatever the training seed
+            splits = balanced_split(examples, label_names=labels)
+        except LmforgeError as e:
+            raise LmforgeError(f"{cfg.data}: {e}") from None
         counts = ", ".join(f"{s} {len(splits[s]):,}" for s in EXAMPLE_SPLITS)
         say(f"data: {len(examples):,} examples, labels {labels}; balanced split: {counts}")
         model = load_base(cfg, labels)

@@ -1,6 +1,10 @@
 """What every recipe shares: the run folder and its `run.json`, rank-0 reporting, and for
 fine-tuning the model a run starts from and which of its weights learn.
 
+A run folder belongs to one run: rank 0 locks it for the whole run (`own_run_folder`),
+and a folder that already holds something is refused unless --resume continues the run
+in it or --overwrite replaces it (only a run folder, never one that holds the run's inputs).
+
 Fine-tuning recipes load the base (any folder `lmforge.load` reads), give it a
 classification head when the task has labels, then pick the trainable weights: all of
 them, the last N blocks (with the final norm and the head), or LoRA adapters over a
@@ -14,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +31,7 @@ from lmforge.errors import LmforgeError
 from lmforge.finetune.adapter import load_adapter, save_adapter
 from lmforge.finetune.lora import LoRAConfig, apply_lora, count_parameters
 from lmforge.finetune.nf4 import quantize_model
-from lmforge.io import atomic_write_text
+from lmforge.io import LOCK_FILE, atomic_write_text, lock_folder, remove_dir
 from lmforge.loading import load, resolve_model_path
 from lmforge.model import GPT
 from lmforge.recipes.config import FinetuneConfig
@@ -140,7 +145,9 @@ def distributed_run(cfg: TrainConfig, say: Callable[[str], None]) -> Iterator[tu
     cfg.validate()
     info = init_distributed(cfg.device or None)
     try:
-        yield info, info.main_only(say)
+        with own_run_folder(cfg, info):
+            check_run_folder(cfg, info)  # before the data and the base are read: a refused run costs nothing
+            yield info, info.main_only(say)
     finally:
         shutdown(info)
 
@@ -195,7 +202,7 @@ def train_on_splits(
 
     trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=model.tokenizer,
                       loss_fn=loss_fn, say=say, progress=progress, **checkpoint_hooks(model, cfg, report))
-    start_run(cfg, info)
+    start_run(cfg, info, say)
     if before_fit is not None and info.is_main:
         before_fit()
     result = trainer.fit()
@@ -221,8 +228,100 @@ def write_metrics(cfg: TrainConfig, info: DistInfo, metrics: dict) -> Path:
     return path
 
 
-def start_run(cfg: TrainConfig, info: DistInfo) -> None:
-    """The run folder with its `run.json` (the whole config, to repeat or --resume the run)."""
-    if info.is_main:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(cfg.out) / "run.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+def start_run(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print) -> None:
+    """The run folder with its `run.json` (the whole config, to repeat or --resume the run):
+    checked first (`check_run_folder`); with --overwrite, the run that was there is removed,
+    saying what goes. Rank 0 writes; the others do nothing."""
+    if not info.is_main:
+        return
+    out = Path(cfg.out)
+    old = check_run_folder(cfg, info)
+    if old:
+        say(f"--overwrite: removing the run in {out}: {_names(old)}")
+        for path in old:
+            remove_dir(path)
+    out.mkdir(parents=True, exist_ok=True)
+    # --overwrite is a one-off: `--config OUT/run.json --resume` must continue this run, not remove it
+    atomic_write_text(out / "run.json", json.dumps(dataclasses.replace(cfg, overwrite=False).to_dict(), indent=2) + "\n")
+
+
+RUN_FOLDER_IN_USE = "wait for it to finish (or stop it) before writing there, or choose another --out"
+
+
+@contextlib.contextmanager
+def own_run_folder(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
+    """Rank 0 locks the run folder (`cfg.out`, made if missing) for the block: a second
+    writer is refused with this one's pid. Other ranks do not write and take no lock.
+    A run refused before it wrote anything leaves no folder it made behind."""
+    if not info.is_main:
+        yield
+        return
+    out = Path(cfg.out)
+    made = not out.exists()
+    try:
+        with lock_folder(out, what="run folder", fix=RUN_FOLDER_IN_USE):
+            yield
+    except BaseException:
+        if made and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` holds a training run: its `run.json` or its checkpoints/."""
+    path = Path(path)
+    return (path / "run.json").is_file() or (path / "checkpoints").is_dir()
+
+
+def folder_entries(path: str | Path) -> list[Path]:
+    """What a folder holds besides its lock file; [] when it is missing."""
+    try:
+        return sorted(p for p in Path(path).iterdir() if p.name != LOCK_FILE)
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise LmforgeError(f"--out {path} is a file, not a folder; choose another --out") from None
+
+
+def inside(folder: str | Path, path: str | Path) -> bool:
+    """Whether `path` is `folder` or lies under it (links resolved)."""
+    folder, path = Path(folder).resolve(), Path(path).resolve()
+    return path == folder or folder in path.parents
+
+
+def run_inputs(cfg: TrainConfig) -> dict[str, str]:
+    """The paths a run reads, by flag: --data, a fine-tuning run's --base, a --resume folder."""
+    inputs = {"--data": cfg.data, "--base": getattr(cfg, "base", ""), "--resume": "" if cfg.resume == "latest" else cfg.resume}
+    return {flag: path for flag, path in inputs.items() if path}
+
+
+def check_run_folder(cfg: TrainConfig, info: DistInfo) -> list[Path]:
+    """Refuse a run into `cfg.out` that would mix with or lose what is there; on rank 0,
+    before anything is written. An empty or missing folder is free; --resume continues the
+    run in a run folder; --overwrite replaces a run folder, unless the run reads from it.
+    Returns what --overwrite will remove ([] for nothing)."""
+    if not info.is_main:
+        return []
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise LmforgeError(f"--resume continues the run in {out} and --overwrite replaces it: pass one of them")
+    entries = folder_entries(out)
+    if not entries:
+        return []
+    if not is_run_folder(out):
+        raise LmforgeError(f"--out {out} is not empty and holds no run (no run.json or checkpoints/; it holds {_names(entries)}); "
+                           "a run folder holds one run only: choose another --out")
+    if cfg.resume:
+        return []
+    if not cfg.overwrite:
+        raise LmforgeError(f"--out {out} already holds a run ({_names(entries)}): pass --resume to continue it, "
+                           "--overwrite to replace it, or choose another --out")
+    for flag, path in run_inputs(cfg).items():
+        if inside(out, path):
+            raise LmforgeError(f"--overwrite would remove {flag} {path}, which this run reads from {out}: choose another --out")
+    return entries
+
+
+def _names(paths: list[Path], limit: int = 8) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -9,6 +9,7 @@ Every field is a flag (`lora_r` -> `--lora-r`) and a key of a TOML file, as for
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -55,6 +56,8 @@ class FinetuneConfig(TrainConfig):
     template: str = "auto"  # instruction tuning: alpaca | chat | auto (from the data)
 
     def validate(self) -> None:
+        if not math.isfinite(self.epochs) or self.epochs < 0:
+            raise LmforgeError(f"--epochs must be a finite number of passes >= 0, got {self.epochs}")
         if self.max_steps == 0 and self.max_tokens == 0 and self.epochs <= 0 and self.time_limit <= 0:
             raise LmforgeError("say how long to train: --epochs N, --max-steps N or --time-limit SECONDS")
         # with --epochs the recipe sets max_steps once it has counted the examples
@@ -76,6 +79,10 @@ class FinetuneConfig(TrainConfig):
 
     # The LoRA fields carry a `lora_` prefix here, where they sit among every other
     # setting of a run; `LoRAConfig` (and an adapter's JSON) names them without it.
+    # what a resumed run may not change: the base, its head and which weights learn
+    model_settings: ClassVar[tuple[str, ...]] = (
+        "base", "from_scratch", "trainable", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "quantize",
+    )
     flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"lora_rslora": ("--rslora",)}
     _renamed: ClassVar[dict[str, str]] = {"rslora": "lora_rslora"}  # run.json of runs before the prefix
 

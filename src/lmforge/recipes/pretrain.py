@@ -17,9 +17,11 @@ import torch
 from lmforge.config import Config
 from lmforge.data.tokens import TokenData
 from lmforge.data.windows import RandomWindows
+from lmforge.device import available_memory
 from lmforge.errors import LmforgeError
+from lmforge.estimate import check_training_fits
 from lmforge.model import GPT
-from lmforge.recipes.common import start_run
+from lmforge.recipes.common import check_run_folder, own_run_folder, start_run
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, init_distributed, shutdown
 from lmforge.train.loop import Batch, Trainer, TrainResult
@@ -60,6 +62,8 @@ def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, 
     data = TokenData.open(cfg.data)
     tokenizer = data.tokenizer()
     config = model_config(cfg, data.vocab_size)
+    data.check_ids(config.vocab_size)
+    check_training_fits(config, cfg.batch_size, config.context_length, cfg.gradient_checkpointing, available_memory(info.device))
     ctx = config.context_length
     cfg = dataclasses.replace(cfg, max_steps=budget_steps(cfg, ctx, info.world_size))
     train = windows(data, "train", ctx, cfg, cfg.seed, info)
@@ -83,14 +87,19 @@ def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, 
         f"training: {cfg.max_steps:,} steps x {tokens_per_step:,} tokens ({cfg.batch_size} x {ctx} x {cfg.grad_accum} accum"
         f"{f' x {info.world_size} processes' if info.world_size > 1 else ''}) on {info.device}"
     )
-    start_run(cfg, info)
-    return Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer, say=say, progress=progress)
+    trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=tokenizer, say=say, progress=progress)
+    start_run(cfg, info, say)  # after the trainer has checked what --resume resumes: a refused run writes nothing
+    return trainer
 
 
 def run(cfg: TrainConfig, say: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-    """Pretrain as configured, on one process or under torchrun."""
+    """Pretrain as configured, on one process or under torchrun, owning the run folder
+    (rank 0 locks it) from before the data is read until the run ends."""
+    cfg.validate()  # a mistyped run creates no folder
     info = init_distributed(cfg.device or None)
     try:
-        return build(cfg, info, say, progress).fit()
+        with own_run_folder(cfg, info):
+            check_run_folder(cfg, info)
+            return build(cfg, info, say, progress).fit()
     finally:
         shutdown(info)

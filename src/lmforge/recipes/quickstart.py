@@ -4,12 +4,18 @@ It wires the tokenizer trainer, the data preparation and the pretraining recipe,
 sizes the run to a time budget: the cosine schedule needs its length up front, so a
 few training steps are timed on this machine first (the time limit still stops a run
 that turns out slower).
+
+It writes tokenizer/, data/ and model/ into its folder and nothing else: an existing one
+is replaced only with `overwrite`, only when it is recognisably a quickstart's own (a
+tokenizer folder, a prepared data folder, a run folder) and never when it holds an input.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,11 +25,18 @@ import torch
 
 from lmforge.corpus import ReadStats, corpus_paths, iter_documents
 from lmforge.data.prepare import prepare
-from lmforge.data.tokens import TokenData
+from lmforge.data.tokens import FORMAT as TOKENS_FORMAT
+from lmforge.data.tokens import META_FILE, TokenData
+from lmforge.device import available_memory
 from lmforge.errors import LmforgeError
+from lmforge.estimate import check_training_fits
+from lmforge.io import lock_folder
 from lmforge.model import GPT
+from lmforge.recipes.common import RUN_FOLDER_IN_USE, folder_entries, inside, is_run_folder
 from lmforge.recipes.pretrain import model_config
 from lmforge.recipes.pretrain import run as pretrain
+from lmforge.tokenizer.tokenizer import FORMAT as TOKENIZER_FORMAT
+from lmforge.tokenizer.tokenizer import TOKENIZER_FILE
 from lmforge.tokenizer.train import train_bpe
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult
@@ -42,22 +55,90 @@ class QuickstartConfig:
     inputs: Sequence[str] = ()  # text files or folders; empty: the built-in corpus
     text_field: str = "text"  # the text's field in .jsonl inputs
     workers: int | None = None  # processes / threads for the tokenizer and the data; None: all cores
-    overwrite: bool = False  # start over if `out` already holds a quickstart
+    overwrite: bool = False  # replace the tokenizer/, data/ and model/ of an earlier quickstart in `out`
+
+
+    def validate(self) -> None:
+        if not str(self.out).strip():
+            raise LmforgeError("--out must name a folder for the tokenizer, the data and the model, got ''")
+        if not 0 < self.minutes < math.inf:  # NaN fails too
+            raise LmforgeError(f"--minutes must be a positive number of minutes (e.g. 6), got {self.minutes}")
 
 
 def run(cfg: QuickstartConfig, say: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
     """Tokenizer, data and pretraining into `cfg.out`, narrated through `say`."""
+    cfg.validate()
     out = Path(cfg.out)
-    if (out / "model").exists() and not cfg.overwrite:
-        raise LmforgeError(f"{out} already holds a quickstart run; pass --overwrite or choose another --out")
+    notes: list[str] = []
+    paths = corpus_paths(list(cfg.inputs) or None, say=notes.append)
+    replaced = claim_folders(out, [*cfg.inputs, *paths], cfg.overwrite)
+    with lock_folder(out / "model", what="run folder", fix=RUN_FOLDER_IN_USE):  # held until the model is trained
+        return _run(cfg, out, paths, notes, replaced, say, progress)
+
+
+PRODUCTS = ("tokenizer", "data", "model")
+
+
+def claim_folders(out: Path, inputs: Sequence[str | Path], overwrite: bool) -> list[Path]:
+    """The folders of `out` this quickstart will replace, or an error before anything is
+    written: any existing one without `overwrite`; with it, one that is not recognisably
+    a quickstart's (`_not_ours`) or that holds an input."""
+    existing = [out / name for name in PRODUCTS if _exists(out / name)]
+    if existing and not overwrite:
+        raise LmforgeError(f"quickstart writes tokenizer/, data/ and model/ into {out}, which already holds {_listed(existing)}: "
+                           "pass --overwrite to replace an earlier quickstart's, or choose another --out")
+    for folder in existing:
+        for path in inputs:
+            if inside(folder, path):
+                raise LmforgeError(f"{folder} holds the input {path}; quickstart never replaces its input: choose another --out")
+        why = _not_ours(folder)
+        if why:
+            raise LmforgeError(f"--overwrite replaces only an earlier quickstart's folders, and {folder} {why}; "
+                               "move it away or choose another --out")
+    return existing
+
+
+def _exists(folder: Path) -> bool:
+    """Whether `folder` holds something (a model/ folder holding only its lock file is
+    what an interrupted quickstart leaves before training: nothing)."""
+    if folder.name == "model" and folder.is_dir() and not folder.is_symlink():
+        return bool(folder_entries(folder))
+    return os.path.lexists(folder)
+
+
+def _not_ours(folder: Path) -> str | None:
+    """Why `folder` is not a product of an earlier quickstart (None when it is)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "is not a folder" if not folder.is_symlink() else "is a symbolic link"
+    if folder.name == "model":
+        return None if is_run_folder(folder) else "is not a training run (no run.json or checkpoints/)"
+    file, fmt = (folder / TOKENIZER_FILE, TOKENIZER_FORMAT) if folder.name == "tokenizer" else (folder / META_FILE, TOKENS_FORMAT)
+    try:
+        ours = json.loads(file.read_text(encoding="utf-8")).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    what = "a tokenizer folder (tokenizer.json)" if folder.name == "tokenizer" else f"a prepared data folder ({META_FILE})"
+    return None if ours else f"is not {what} lmforge made"
+
+
+def _listed(paths: list[Path]) -> str:
+    names = [f"{p.name}/" for p in paths]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _run(cfg: QuickstartConfig, out: Path, paths: list[Path], notes: list[str], replaced: list[Path],
+         say: Callable[[str], None], progress: bool) -> TrainResult:
     started = time.monotonic()
     source = "your text" if cfg.inputs else "the built-in corpus"
     say("lmforge quickstart: build a small language model from scratch, in three steps.")
     if not cfg.inputs:
         say("The text is the built-in corpus (Python's own standard library), so the model learns to write Python.")
+    if replaced:
+        say(f"--overwrite: replacing the earlier quickstart's {_listed(replaced)} in {out}")
     say("")
     say(f"[1/3] Tokenizer: learn a byte-level BPE vocabulary of {cfg.vocab_size:,} ids from {source}")
-    paths = corpus_paths(list(cfg.inputs) or None, say=lambda m: say("      " + m))
+    for note in notes:
+        say("      " + note)
     stats = ReadStats()
     tokenizer = train_bpe((c for doc in iter_documents(paths, stats, cfg.text_field) for c in doc), cfg.vocab_size,
                           workers=cfg.workers, progress=progress)
@@ -78,7 +159,7 @@ def run(cfg: QuickstartConfig, say: Callable[[str], None] = print, progress: boo
         data=str(out / "data"), out=str(out / "model"), preset=cfg.preset, context_length=256, batch_size=16,
         lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_every=50, eval_batches=10, save_every=50, log_every=5,
         sample_prompts=["The ", "I had"] if cfg.inputs else ["def ", "class Parser(", "import "], sample_tokens=40,
-        time_limit=cfg.minutes * 60,
+        time_limit=cfg.minutes * 60, overwrite=any(p.name == "model" for p in replaced),
     )
     train = dataclasses.replace(train, max_steps=steps_within(train, cfg.minutes * 60))
     return pretrain(train, say=lambda m: say("      " + m), progress=progress)
@@ -87,7 +168,9 @@ def run(cfg: QuickstartConfig, say: Callable[[str], None] = print, progress: boo
 def steps_within(cfg: TrainConfig, seconds: float) -> int:
     """How many optimizer steps of `cfg` fit in `seconds` on this machine, from timing a few."""
     data = TokenData.open(cfg.data)
-    model = GPT(model_config(cfg, data.vocab_size))
+    config = model_config(cfg, data.vocab_size)
+    check_training_fits(config, cfg.batch_size, config.context_length, False, available_memory(torch.device("cpu")))
+    model = GPT(config)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     x = torch.randint(0, data.vocab_size, (cfg.batch_size, model.config.context_length))
     times = []

@@ -9,7 +9,7 @@ the plain-Python encoder the fast path is tested against, `gpt2.py` the GPT-2 im
 from lmforge.tokenizer.gpt2 import from_gpt2_files
 from lmforge.tokenizer.patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, resolve_pattern
 from lmforge.tokenizer.reference import reference_encode
-from lmforge.tokenizer.tokenizer import ENDOFTEXT, TOKENIZER_FILE, DisallowedSpecialError, Tokenizer
+from lmforge.tokenizer.tokenizer import ENDOFTEXT, TOKENIZER_FILE, DisallowedSpecialError, Tokenizer, read_tokenizer_json
 from lmforge.tokenizer.train import train_bpe
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "DisallowedSpecialError",
     "Tokenizer",
     "from_gpt2_files",
+    "read_tokenizer_json",
     "reference_encode",
     "resolve_pattern",
     "train_bpe",

@@ -14,22 +14,21 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.bytes_unicode import printable_to_bytes
 from lmforge.tokenizer.patterns import GPT2_PATTERN
-from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.tokenizer.tokenizer import Tokenizer, text_file
 
 
 def _read(path: str | os.PathLike, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise LmforgeError(f"GPT-2 {what} not found at {p}")
-    return p.read_text(encoding="utf-8")
+    return text_file(Path(path), f"GPT-2's {what}", missing=f"GPT-2 {what} not found at {path}")
 
 
 def from_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
     """The GPT-2 tokenizer (50,257 ids, `<|endoftext|>` = 50256) from its two original files."""
     try:
-        encoder: dict[str, int] = json.loads(_read(encoder_json, "encoder.json"))
-    except json.JSONDecodeError as e:
+        encoder = json.loads(_read(encoder_json, "encoder.json"))
+    except (ValueError, RecursionError) as e:
         raise LmforgeError(f"{encoder_json} is not valid JSON ({e}); is it GPT-2's encoder.json?") from None
+    if not isinstance(encoder, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in encoder.values()):
+        raise LmforgeError(f"{encoder_json} is not GPT-2's encoder.json: that is one JSON object of token -> integer id")
     lines = _read(vocab_bpe, "vocab.bpe").split("\n")
     if not lines or not lines[0].startswith("#version"):
         raise LmforgeError(f"{vocab_bpe} does not start with '#version': is it GPT-2's vocab.bpe?")
@@ -63,4 +62,7 @@ def from_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLik
         token_id[left + right] = new_id
     if len(token_id) != len(id_bytes):
         raise LmforgeError(f"{encoder_json} has {len(id_bytes)} tokens but {vocab_bpe} defines {len(token_id)}")
-    return Tokenizer(merges, specials, GPT2_PATTERN, byte_order, name="gpt2")
+    try:
+        return Tokenizer(merges, specials, GPT2_PATTERN, byte_order, name="gpt2")
+    except LmforgeError as e:
+        raise LmforgeError(f"{encoder_json}: {e}") from None

@@ -15,12 +15,13 @@ import re
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_text
-from lmforge.tokenizer.tokenizer import TOKENIZER_FILE
+from lmforge.tokenizer.tokenizer import TOKENIZER_FILE, read_tokenizer_json
 
 FORMAT = "lmforge.sentencepiece"  # the "format" of its tokenizer.json, which `lmforge.weights` dispatches on
 FORMAT_VERSION = 1
@@ -151,25 +152,34 @@ class Llama2cTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Llama2cTokenizer:
         """Read `tokenizer.json` written by `save` (from a folder or the file itself)."""
-        p = Path(path)
-        file = p / TOKENIZER_FILE if p.is_dir() else p
-        try:
-            doc = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LmforgeError(f"no {TOKENIZER_FILE} at {p}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LmforgeError(f"{file} is truncated or not JSON ({e})") from None
+        file, doc = read_tokenizer_json(path)
+        return cls.from_dict(doc, source=str(file))
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str = "tokenizer") -> Llama2cTokenizer:
+        """A tokenizer from the contents of its tokenizer.json; every field is checked (`source` names it in errors)."""
         fmt = doc.get("format") if isinstance(doc, dict) else None
         if fmt != FORMAT:
-            raise LmforgeError(f"{file} is not a {FORMAT} tokenizer (its format is {fmt!r})")
+            what = f"its format is {fmt!r}" if isinstance(doc, dict) else f"it holds a JSON {type(doc).__name__}, not an object"
+            raise LmforgeError(f"{source} is not a {FORMAT} tokenizer ({what})")
         if doc.get("version") != FORMAT_VERSION:
-            raise LmforgeError(f"{file} has format version {doc.get('version')}; this lmforge reads version {FORMAT_VERSION}")
+            raise LmforgeError(f"{source} has format version {doc.get('version')!r}; this lmforge reads version {FORMAT_VERSION}")
+        entries, max_len = doc.get("pieces"), doc.get("max_token_length")
+        if not isinstance(entries, list):
+            raise LmforgeError(f"{source} is damaged: 'pieces' must be a list of {{piece, score}} objects; re-create it")
+        if max_len is not None and not (isinstance(max_len, int) and not isinstance(max_len, bool) and max_len >= 0):
+            raise LmforgeError(f"{source} is damaged: max_token_length is {max_len!r}, not a count of bytes; re-create it")
+        pieces, scores = [], []
+        for i, entry in enumerate(entries):
+            try:
+                pieces.append(_entry_bytes(entry))
+                scores.append(_entry_score(entry))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise LmforgeError(f"{source} has a malformed piece list: piece {i} is {entry!r} ({e}); re-create it") from None
         try:
-            pieces = [_entry_bytes(e) for e in doc["pieces"]]
-            scores = [float(e["score"]) for e in doc["pieces"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise LmforgeError(f"{file} has a malformed piece list ({e!r})") from None
-        return cls(pieces, scores, doc.get("max_token_length"))
+            return cls(pieces, scores, max_len)
+        except LmforgeError as e:
+            raise LmforgeError(f"{source}: {e}") from None
 
     # --- encode ------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
@@ -273,6 +283,19 @@ class Llama2cTokenizer:
 
 
 def _entry_bytes(entry: dict) -> bytes:
+    if not isinstance(entry, dict):
+        raise TypeError("not an object")
     if "piece_base64" in entry:
+        if not isinstance(entry["piece_base64"], str):
+            raise TypeError("piece_base64 is not a string")
         return base64.b64decode(entry["piece_base64"], validate=True)
+    if not isinstance(entry["piece"], str):
+        raise TypeError("piece is not a string")
     return entry["piece"].encode("utf-8")
+
+
+def _entry_score(entry: dict) -> float:
+    score = entry["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise ValueError("the score is not a number")
+    return float(score)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.patterns import GPT2_PATTERN, resolve_pattern
-from lmforge.tokenizer.tokenizer import ENDOFTEXT, Tokenizer
+from lmforge.tokenizer.tokenizer import ENDOFTEXT, Tokenizer, check_special_strings
 
 _pattern: regex.Pattern | None = None
 _special: regex.Pattern | None = None
@@ -167,8 +167,13 @@ def train_bpe(
     `lmforge.corpus.read_chunks` yields it); `pattern` is a name (gpt2, gpt4) or a regex. If the corpus runs out of pairs first, the
     vocabulary is smaller than asked; check `tokenizer.vocab_size`.
     """
-    pattern = resolve_pattern(pattern)
+    pattern = resolve_pattern(pattern)  # checked now, not after the corpus is read
     specials = list(dict.fromkeys(special_tokens))
+    check_special_strings(specials)
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise LmforgeError(f"--vocab-size must be an integer, not {vocab_size!r}")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise LmforgeError(f"--workers {workers!r}: give a number of processes of at least 1 (or leave it out for all cores)")
     n_merges = vocab_size - 256 - len(specials)
     if n_merges < 0:
         raise LmforgeError(f"--vocab-size {vocab_size} is too small: it must be at least 256 bytes + {len(specials)} special tokens")

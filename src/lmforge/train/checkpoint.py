@@ -8,7 +8,8 @@ A run folder holds `checkpoints/step-00000120/` (the step, 8 digits) with:
   safetensors (bit-exact, dtype kept) and everything else as JSON: nothing is pickled,
   so reading a checkpoint runs no code from it;
 - `rng.safetensors` + the rest of the random state in `trainer.json`;
-- `trainer.json`: the caller's state (step, data cursor, counters, run config);
+- `trainer.json`: the caller's state (step, data cursor, counters, run config, the
+  tokenizer's fingerprint), which a resume checks against the run it continues;
 - `manifest.json`, written last: the step, the validation loss and every other file's
   size and sha256, so a truncated or altered file is found before it is used.
 
@@ -20,6 +21,10 @@ the folders atomically (or, where the system cannot, moves the old one aside as
 `.step-*.old-*` first, which the next save puts back if the new one never landed).
 Retention hides a folder (`.step-*.del-*`) before deleting it.
 
+A save that fails (a full disk, any OS error) raises `CheckpointWriteError`, naming the
+folder and the cause; its temporary folder is gone and the checkpoints before it are
+untouched.
+
 One writer per run folder (rank 0): a save repairs or removes hidden leftovers it finds
 there.
 """
@@ -27,6 +32,7 @@ there.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -261,9 +267,52 @@ def save_checkpoint(
 
     ckdir = Path(run_dir) / CHECKPOINTS
     final = ckdir / f"step-{step:08d}"
+    try:
+        _write(final, config, model_state, optim_tensors, optim_json, rng, rng_tensors, trainer_json, tokenizer, val,
+               write_model)
+    except (OSError, SafetensorError) as e:  # a full disk, a lost mount, no permission: atomic_dir left nothing behind
+        raise CheckpointWriteError(final, e) from e
+    if keep_last:
+        _retain(ckdir, keep_last, final)  # deletes as far as it can, never raises for a folder it cannot remove
+    return final
+
+
+class CheckpointWriteError(LmforgeError):
+    """A checkpoint could not be written (`cause` says why: a full disk, permissions...).
+    Nothing of it is left behind; the checkpoints written before are intact."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        self.path, self.cause = Path(path), cause
+        fix = ("free space on that disk (or give another --out)" if _disk_full(cause)
+               else "fix the cause (or give another --out)")
+        super().__init__(
+            f"could not save checkpoint {path.name} in {path.parent}: {_cause(cause)}. Nothing of it was left behind "
+            f"and the checkpoints saved before are intact; {fix}, then continue with --resume"
+        )
+
+
+def _cause(e: BaseException) -> str:
+    """An OS error in a few words: "No space left on device (writing /x/y)"."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f" (writing {e.filename})" if e.filename else "")
+    m = re.search(r'message: "([^"]+)"', str(e))  # safetensors: `IoError(Os { code: 28, ..., message: "No space..." })`
+    return m.group(1) if m else str(e) or type(e).__name__
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return "code: 28," in str(e) or "No space left" in str(e) or "StorageFull" in str(e)
+
+
+def _write(final: Path, config: Config, model_state: dict[str, torch.Tensor], optim_tensors: dict[str, torch.Tensor],
+           optim_json: str | None, rng: dict | None, rng_tensors: dict[str, torch.Tensor], trainer_json: str,
+           tokenizer: object | None, val: float | None, write_model: Callable[[Path], object] | None) -> None:
+    """The checkpoint folder `final`, whole or not at all (`atomic_dir`)."""
+    step = _step_of(final)
     # every step's leftovers, not only this one's: a killed save of another step, or an
     # older checkpoint a crash left moved aside mid-replace (put back before retention)
-    recover_leftovers(ckdir, _is_step_name)
+    recover_leftovers(final.parent, _is_step_name)
     with atomic_dir(final) as tmp:
         model_dir = tmp / MODEL_DIR
         model_dir.mkdir()
@@ -293,9 +342,6 @@ def save_checkpoint(
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    if keep_last:
-        _retain(ckdir, keep_last, final)
-    return final
 
 
 def _is_step_name(name: str) -> bool:
@@ -419,11 +465,25 @@ def _load_json(path: Path, name: str) -> Any:
         raise CheckpointError(path, f"{name} is not readable JSON ({e})") from None
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Verify, then read everything back (tensors on CPU). Only safetensors and JSON
-    are parsed: reading a checkpoint never unpickles, so it runs no code from it."""
+def read_checkpoint_state(path: str | os.PathLike) -> tuple[dict, Config | None]:
+    """(the trainer state, the model's config or None for an adapter checkpoint) of a
+    checkpoint, without its tensors: what a resume checks before it loads anything.
+    Not verified: give it a folder `verify_checkpoint` (or `find_resumable`) passed."""
     path = Path(path)
-    verify_checkpoint(path)
+    files = _read_manifest(path)["files"]
+    trainer = _load_json(path, TRAINER_JSON)
+    state = trainer.get("trainer_state") if isinstance(trainer, dict) else None
+    config = Config.load(path / MODEL_DIR) if f"{MODEL_DIR}/config.json" in files else None
+    return (state if isinstance(state, dict) else {}), config
+
+
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    """Verify (unless the caller just did: `verify=False`), then read everything back
+    (tensors on CPU). Only safetensors and JSON are parsed: reading a checkpoint never
+    unpickles, so it runs no code from it."""
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     manifest = _read_manifest(path)
     files = manifest["files"]
     full = f"{MODEL_DIR}/{WEIGHTS}" in files  # else the run saved adapters (see save_checkpoint's write_model)

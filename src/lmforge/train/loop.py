@@ -15,6 +15,7 @@ CPU, same thread count).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -27,10 +28,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge.config import Config
 from lmforge.engine import Engine, SamplingParams
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.train.checkpoint import capture_rng, find_resumable, read_checkpoint, restore_rng, save_checkpoint
+from lmforge.train.checkpoint import (
+    CHECKPOINTS,
+    capture_rng,
+    find_resumable,
+    list_checkpoints,
+    read_checkpoint,
+    read_checkpoint_state,
+    restore_rng,
+    save_checkpoint,
+)
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_mean, barrier, full_state, load_full_state, no_sync, unwrap, wrap_model
 from lmforge.train.loss import next_token_loss
@@ -48,7 +59,7 @@ class TrainResult:
     step: int  # optimizer steps done
     checkpoint: Path | None  # the last one written
     val_loss: float | None
-    stopped: str  # "done", "time limit", "interrupted"
+    stopped: str  # "done", "time limit", "interrupted" (Ctrl-C, SIGINT), "terminated" (SIGTERM)
     skipped_steps: int
     metrics: Path
     plot: Path | None
@@ -91,16 +102,19 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 class _StopOnSignal:
     """Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary and write a
-    checkpoint; a second Ctrl-C interrupts at once."""
+    checkpoint; a second Ctrl-C interrupts at once. `reason` says which one asked:
+    "interrupted" (SIGINT) or "terminated" (SIGTERM)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.reason = "interrupted"
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.reason = "terminated" if signum == signal.SIGTERM else "interrupted"
 
     def __enter__(self) -> _StopOnSignal:
         with contextlib.suppress(ValueError):  # not the main thread: no handler, no graceful stop
@@ -162,34 +176,106 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_val: tuple[int, float] | None = None
         self.samples: list[str] = []
+        # --resume is checked now, before the recipe writes anything: a checkpoint of another
+        # model or tokenizer is refused while the run folder is still as it was
+        self._resume_from = self.check_resumable(cfg.resume) if cfg.resume else None
 
     # --- state --------------------------------------------------------------------
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "draws": self.draws, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict()}
+        state = {"step": self.step, "draws": self.draws, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
+                 "config": self.cfg.to_dict()}
+        fingerprint = getattr(self.tokenizer, "fingerprint", None)
+        if isinstance(fingerprint, str):  # what a resume checks its data against
+            state["tokenizer"] = {"name": getattr(self.tokenizer, "name", ""), "fingerprint": fingerprint}
+        return state
 
     def save(self) -> Path | None:
-        """Checkpoint after `self.step` steps: every rank gathers, rank 0 writes."""
+        """Checkpoint after `self.step` steps: every rank gathers, rank 0 writes. A save
+        that fails (a full disk) stops every rank with rank 0's error."""
         model_state, optim_state = full_state(self.wrapped, self.optimizer, self.info)
-        path = None
+        path, error = None, None
         if self.info.is_main:
             val = self.last_val[1] if self.last_val and self.last_val[0] == self.step else None
-            path = save_checkpoint(
-                self.out, self.step, config=self.model.config, model_state=model_state, optimizer_state=optim_state,
-                trainer_state=self._trainer_state(), rng=capture_rng(), tokenizer=self.tokenizer, val_loss=val,
-                keep_last=self.cfg.keep_last, write_model=self.write_model,
-            )
-            self.last_checkpoint = path
+            try:
+                path = save_checkpoint(
+                    self.out, self.step, config=self.model.config, model_state=model_state, optimizer_state=optim_state,
+                    trainer_state=self._trainer_state(), rng=capture_rng(), tokenizer=self.tokenizer, val_loss=val,
+                    keep_last=self.cfg.keep_last, write_model=self.write_model,
+                )
+            except LmforgeError as e:
+                error = e
+            else:
+                self.last_checkpoint = path
+        if self._agree(error is not None):
+            raise error or LmforgeError(f"the main process could not save the checkpoint of step {self.step} (its error says why)")
         barrier(self.info)
         return path
 
     def resume(self, where: str) -> None:
-        """Load a checkpoint: "latest" is the newest intact one in the run folder."""
-        path = find_resumable(self.out if where == "latest" else Path(where), say=self.say)
+        """Load a checkpoint: "latest" is the newest intact one in the run folder. It must
+        have been trained with this model and this tokenizer (`check_resumable`)."""
+        self._load(self.check_resumable(where))
+
+    def check_resumable(self, where: str) -> Path:
+        """The checkpoint `--resume where` names, checked without loading it: it exists
+        and is intact, and the run that wrote it trained the model this trainer holds
+        (same model settings, same model config) with the same tokenizer."""
+        if where == "latest":
+            folder, given = self.out, "--resume"
+        else:
+            folder, given = Path(where), f"--resume {where}"
+        path = find_resumable(folder, say=self.say) if folder.exists() or where != "latest" else None
         if path is None:
-            raise LmforgeError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume")
-        ckpt = read_checkpoint(path)
-        if ckpt.trainer_state.get("config", {}).get("preset") not in (None, self.cfg.preset):
-            self.say(f"note: {path} was trained with preset {ckpt.trainer_state['config']['preset']!r}")
+            searched = folder / CHECKPOINTS if folder.name != CHECKPOINTS else folder
+            found = list_checkpoints(folder)
+            if found:
+                what = f"no intact checkpoint in {searched} (all {len(found)} are damaged, see above)"
+            else:
+                what = f"no checkpoint in {searched}"
+            fix = ("start without --resume" if where == "latest"
+                   else f"give a run folder with {CHECKPOINTS}/step-NNNNNNNN in it, or one of those folders")
+            raise LmforgeError(f"{given}: {what}; {fix}")
+        state, config = read_checkpoint_state(path)
+        self._check_same_tokenizer(path, state)  # first: other data usually means another vocabulary too
+        self._check_same_model(path, state, config)
+        return path
+
+    def _check_same_model(self, path: Path, state: dict, config: Config | None) -> None:
+        changes = []
+        old = state.get("config")
+        if isinstance(old, dict):
+            new = self.cfg.to_dict()
+            for name in getattr(type(self.cfg), "model_settings", ()):
+                if name in old and name in new and _plain(old[name]) != _plain(new[name]):
+                    changes.append(f"{_setting(name)} {_show(old[name])} -> {_show(new[name])}")
+        if config is not None:
+            a, b = config.to_dict(), self.model.config.to_dict()
+            differ = [k for k in b if k != "name" and _plain(a.get(k)) != _plain(b.get(k))]
+            if differ:
+                shown = ", ".join(f"{k} {_show(a.get(k))} -> {_show(b.get(k))}" for k in differ[:8])
+                changes.append(f"the model: {shown}{', ...' if len(differ) > 8 else ''}")
+        if changes:
+            raise LmforgeError(
+                f"--resume: {path} was trained with other model settings than this run's ({'; '.join(changes)}); "
+                "a checkpoint continues only the model it holds. Resume with the settings it was trained with, "
+                "or train this model as a new run (another --out, without --resume)"
+            )
+
+    def _check_same_tokenizer(self, path: Path, state: dict) -> None:
+        old = state.get("tokenizer")
+        new = getattr(self.tokenizer, "fingerprint", None)
+        if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), str) or not isinstance(new, str):
+            return  # a checkpoint from before fingerprints were recorded, or no tokenizer: nothing to compare
+        if old["fingerprint"] != new:
+            raise LmforgeError(
+                f"--resume: {path} was trained with tokenizer {old.get('name', '')!r} (fingerprint {old['fingerprint'][:12]}), "
+                f"this data was made with tokenizer {getattr(self.tokenizer, 'name', '')!r} (fingerprint {new[:12]}): "
+                "the same ids stand for other text. Resume with the data the run was trained on, "
+                "or start a new run (another --out, without --resume)"
+            )
+
+    def _load(self, path: Path) -> None:
+        ckpt = read_checkpoint(path, verify=False)  # `check_resumable` verified it
         model_state = ckpt.model_state
         if self.read_model is not None:
             self.read_model(path / "model")
@@ -209,16 +295,22 @@ class Trainer:
     # --- evaluation ---------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float | None:
+        """The mean loss over the evaluation batches; None when there are none (no
+        evaluation set, or zero batches): an evaluation of nothing is no loss, never 0."""
         if self.eval_batches is None:
             return None
         self.wrapped.eval()
         total, n = torch.zeros((), device=self.device), 0
-        for x, y in self.eval_batches():
-            x, y = to_device((x, y), self.device)
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                total += self.loss_fn(self.wrapped, x, y).float()
-            n += 1
-        self.wrapped.train()
+        try:
+            for x, y in self.eval_batches():
+                x, y = to_device((x, y), self.device)
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    total += self.loss_fn(self.wrapped, x, y).float()
+                n += 1
+        finally:
+            self.wrapped.train()
+        if not self._agree(n > 0):
+            return None
         loss = float(all_reduce_mean(total / max(n, 1), self.info))
         self.last_val = (self.step, loss)
         return loss
@@ -258,9 +350,20 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, info = self.cfg, self.info
-        if cfg.resume:
-            self.resume(cfg.resume)
+        if self._resume_from is not None:
+            self._load(self._resume_from)
         log = MetricsLog(self.out, enabled=info.is_main, resume_step=self.step if cfg.resume else None)
+        try:
+            stopped = self._run(log)
+            plot = log.plot()
+        finally:
+            log.close()
+        return TrainResult(self.step, self.last_checkpoint, self.last_val[1] if self.last_val else None, stopped,
+                           self.skipped, log.path, plot, self.samples)
+
+    def _run(self, log: MetricsLog) -> str:
+        """The steps, evaluations and checkpoints up to max_steps (or a stop); how it ended."""
+        cfg, info = self.cfg, self.info
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.wrapped.train()
@@ -268,10 +371,10 @@ class Trainer:
         bad_in_a_row, stopped = 0, "done"
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         window_tokens, window_start = 0, time.monotonic()
-        with _StopOnSignal() as stop:
+        with _StopOnSignal() as stop, contextlib.closing(bar):
             while self.step < cfg.max_steps:
                 if self._agree(stop.requested):
-                    stopped = "interrupted"
+                    stopped = stop.reason
                     break
                 if cfg.time_limit and self._agree(time.monotonic() - start_time >= cfg.time_limit):
                     stopped = "time limit"
@@ -286,7 +389,6 @@ class Trainer:
                     log.write({"step": self.step, "split": "skipped", "loss": _finite_or_none(loss), "grad_norm": None})
                     self.say(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_in_a_row} in a row)")
                     if bad_in_a_row >= cfg.max_bad_steps:
-                        log.close()
                         where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
                         raise LmforgeError(
                             f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (at step {self.step}, "
@@ -314,14 +416,12 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save()
             bar.close()
-            if stopped != "interrupted" and (self.last_val is None or self.last_val[0] != self.step):
-                self._evaluate_and_log(log, None)  # an interrupted run only saves: the user is waiting
+            # a run a signal stopped only saves: the user (or the scheduler) is waiting
+            if stopped not in ("interrupted", "terminated") and (self.last_val is None or self.last_val[0] != self.step):
+                self._evaluate_and_log(log, None)
             if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
                 self.save()
-        plot = log.plot()
-        log.close()
-        return TrainResult(self.step, self.last_checkpoint, self.last_val[1] if self.last_val else None, stopped,
-                           self.skipped, log.path, plot, self.samples)
+        return stopped
 
     def _evaluate_and_log(self, log: MetricsLog, bar: tqdm | None) -> None:
         val = self.evaluate()
@@ -347,3 +447,24 @@ class Trainer:
 def _finite_or_none(t: torch.Tensor) -> float | None:
     value = float(t)
     return value if math.isfinite(value) else None
+
+
+def _plain(value: Any) -> Any:
+    """A setting as its JSON round trip gives it (tuples become lists), for comparing a
+    run's settings with those a checkpoint recorded."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return value
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _setting(name: str) -> str:
+    """How a user gives a run setting: its flag (= its TOML key), the `[model]` table for `model`."""
+    return "[model] / --set" if name == "model" else "--" + name.replace("_", "-")

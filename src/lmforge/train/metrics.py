@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import LmforgeError
 from lmforge.io import atomic_file
 
 METRICS = "metrics.jsonl"
@@ -26,13 +28,18 @@ class MetricsLog:
         self.plot_path = Path(out) / LOSS_PLOT
         self.enabled = enabled
         self._tb = None
+        self._plot_warned = False
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            with atomic_file(self.path) as f:
-                f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+                with atomic_file(self.path) as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
+        except OSError as e:
+            raise LmforgeError(f"could not write {self.path}: {e.strerror or e}; free space on that disk "
+                               "(or give another --out), then continue with --resume") from e
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -43,10 +50,14 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: the checkpoints would fail next; stop with the cause
+            raise LmforgeError(f"could not append to {self.path}: {e.strerror or e}; free space on that disk "
+                               "(or give another --out), then continue with --resume") from e
         if self._tb is not None:
             split = record.get("split", "train")
             for key, value in record.items():
@@ -55,10 +66,21 @@ class MetricsLog:
             self._tb.flush()
 
     def plot(self) -> Path | None:
-        """Redraw loss.png: train loss (and a running mean) and validation loss by step."""
+        """Redraw loss.png: train loss (and a running mean) and validation loss by step.
+
+        A picture never stops a run: if it cannot be drawn or written (a full disk, a
+        broken matplotlib), the first failure is reported on stderr, the run goes on,
+        and this returns None (loss.png, if there is one, is the last one drawn)."""
         if not self.enabled:
             return None
-        plot_losses(read_metrics(self.path), self.plot_path)
+        try:
+            plot_losses(read_metrics(self.path), self.plot_path)
+        except Exception as e:  # noqa: BLE001 - drawing is a convenience; metrics.jsonl holds the numbers
+            if not self._plot_warned:
+                self._plot_warned = True
+                print(f"warning: could not draw {self.plot_path} ({type(e).__name__}: {e}); training goes on, "
+                      f"the numbers are in {self.path}", file=sys.stderr, flush=True)
+            return None
         return self.plot_path
 
     def close(self) -> None:
@@ -71,9 +93,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -86,6 +110,16 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and math.isfinite(r.get("loss", math.nan))]
     val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    try:
+        _draw(ax, train, val)
+        fig.tight_layout()
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _draw(ax: Any, train: list[tuple[int, float]], val: list[tuple[int, float]]) -> None:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train")
@@ -99,7 +133,3 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
