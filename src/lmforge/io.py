@@ -347,7 +347,10 @@ class FolderLock:
             held[1] -= 1
             if held[1] == 0:
                 del _HELD[self._key]
-                os.close(held[0])  # closing the only descriptor releases the flock
+                fd, _, made = held
+                if made and _only_the_lock(self.path):
+                    shutil.rmtree(self.path, ignore_errors=True)  # made for a run that wrote nothing: gone again
+                os.close(fd)  # closing the only descriptor releases the flock
 
     def __enter__(self) -> FolderLock:
         return self
@@ -356,14 +359,15 @@ class FolderLock:
         self.release()
 
 
-_HELD: dict[tuple[int, int], list[int]] = {}  # the folder's (device, inode) -> [lock fd, holders in this process]
+# the folder's (device, inode) -> [lock fd, holders in this process, whether the lock made the folder]
+_HELD: dict[tuple[int, int], list] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
 def _forget_locks_in_child() -> None:
     """A forked child (a tokenizer worker) must not keep its parent's folders locked after
     the parent dies, nor think it owns them: close its copies of the lock descriptors."""
-    for fd, _count in _HELD.values():
+    for fd, *_ in _HELD.values():
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD.clear()
@@ -396,7 +400,8 @@ def _describe(owner: dict[str, Any]) -> str:
 
 def lock_folder(path: str | os.PathLike, *, what: str = "folder", fix: str = "wait for it to finish or stop it") -> FolderLock:
     """Make this process the one writer of the folder `path` (created if missing) until
-    the returned lock is released or the process ends, however it ends.
+    the returned lock is released or the process ends, however it ends. A folder the
+    lock made and nothing but the lock file went into is removed on release.
 
     Another process holding it: `LmforgeError` "{what} PATH is in use by process PID
     (...); {fix}". The same process locking it again shares the lock (a recipe that
@@ -405,6 +410,7 @@ def lock_folder(path: str | os.PathLike, *, what: str = "folder", fix: str = "wa
     has to. On Windows (no `fcntl`) this is a no-op: nothing stops a second writer there.
     """
     path = Path(path)
+    made = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -435,8 +441,15 @@ def lock_folder(path: str | os.PathLike, *, what: str = "folder", fix: str = "wa
         except BaseException:
             os.close(fd)
             raise
-        _HELD[key] = [fd, 1]
+        _HELD[key] = [fd, 1, made]
         return FolderLock(path, key)
+
+
+def _only_the_lock(path: Path) -> bool:
+    try:
+        return {p.name for p in path.iterdir()} == {LOCK_FILE}
+    except OSError:
+        return False
 
 
 def _command() -> str:

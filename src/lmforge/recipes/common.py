@@ -18,7 +18,6 @@ import dataclasses
 import itertools
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,19 +251,12 @@ RUN_FOLDER_IN_USE = "wait for it to finish (or stop it) before writing there, or
 def own_run_folder(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
     """Rank 0 locks the run folder (`cfg.out`, made if missing) for the block: a second
     writer is refused with this one's pid. Other ranks do not write and take no lock.
-    A run refused before it wrote anything leaves no folder it made behind."""
+    A run refused before it wrote anything leaves no folder behind (`lock_folder`)."""
     if not info.is_main:
         yield
         return
-    out = Path(cfg.out)
-    made = not out.exists()
-    try:
-        with lock_folder(out, what="run folder", fix=RUN_FOLDER_IN_USE):
-            yield
-    except BaseException:
-        if made and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with lock_folder(cfg.out, what="run folder", fix=RUN_FOLDER_IN_USE):
+        yield
 
 
 def is_run_folder(path: str | Path) -> bool:
