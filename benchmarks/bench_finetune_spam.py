@@ -53,8 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_spam_") as tmp:
         root = Path(args.out or tmp)
         for way in args.only:
-            cfg = FinetuneConfig(base=args.base, data=args.data, out=str(root / way), epochs=args.epochs, batch_size=args.batch_size,
-                                 max_length=args.max_length, warmup_steps=20, eval_every=0, eval_batches=0, seed=123, **WAYS[way])
+            cfg = FinetuneConfig(base=args.base, data=args.data, out=str(root / way), epochs=args.epochs, eval_examples=0,
+                                 batch_size=args.batch_size, max_length=args.max_length, warmup_steps=20, eval_every=0, eval_batches=0, seed=123, **WAYS[way])
             start = time.perf_counter()
             result = classify.run(cfg, say=lambda m, w=way: print(f"[{w}] {m}", flush=True), progress=False)
             seconds = time.perf_counter() - start

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ from lmforge.engine import Engine, generate_uncached
 from lmforge.engine.sampling import SamplingParams
 from lmforge.loading import load
 from lmforge.model import GPT
+from lmforge.tokenizer import Tokenizer
 from lmforge.weights import save_pretrained
 
 
@@ -92,3 +95,37 @@ def test_chat_refuses_a_bad_max_new_tokens_before_the_first_turn(model_dir):
 def test_missing_model_is_a_clear_error(tmp_path):
     proc = lmforge("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1")
     assert proc.returncode == 2 and "neither a model folder" in proc.stderr.decode()
+
+
+# --- which chat template: said, never a silent fallback ------------------------------------------
+NO_TEMPLATE = "has no chat template (it was not instruction-tuned with `lmforge finetune instruct`); using the plain transcript"
+
+
+def run_main(capsys, *args: str) -> tuple[str, str]:
+    from lmforge.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+def test_chat_with_a_base_model_says_once_that_it_uses_the_plain_transcript(model_dir, capsys, monkeypatch):
+    _, err = run_main(capsys, "generate", "--model", str(model_dir), "--chat", "--prompt", "Hi", "--max-new-tokens", "3",
+                      "--temperature", "0")
+    assert err.count(NO_TEMPLATE) == 1 and err.startswith(f"note: {model_dir} has no chat template")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
+    out, err = run_main(capsys, "chat", "--model", str(model_dir), "--max-new-tokens", "3", "--seed", "1")
+    assert err.count(NO_TEMPLATE) == 1 and NO_TEMPLATE not in out
+
+
+def test_chat_with_an_instruction_tuned_model_adds_no_note(model_dir, tmp_path, capsys):
+    tuned = shutil.copytree(model_dir, tmp_path / "tuned")
+    tok = Tokenizer.load(tuned)
+    tok.chat_template = "alpaca"
+    tok.save(tuned)
+    out, err = run_main(capsys, "generate", "--model", str(tuned), "--chat", "--prompt", "Hi", "--max-new-tokens", "3",
+                        "--temperature", "0")
+    assert "chat template" not in err and "### Response" not in out
+    _, err = run_main(capsys, "generate", "--model", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "3")
+    assert "chat template" not in err  # without --chat no template is used: nothing to say

@@ -73,6 +73,19 @@ def test_from_gpt2_and_stats(tmp_path):
     assert 3.5 < float(total[3]) < 5.5  # GPT-2 on English prose: about 4.3 bytes per token
 
 
+def test_stats_shows_whole_paths_in_aligned_columns(trained, tmp_path):
+    """Paths longer than any fixed column are printed whole (they were cut from the left,
+    which could leave the tail of another file's name), the numbers still in columns."""
+    folder = tmp_path / ("a-rather-long-folder-name-" * 3) / "corpus"
+    folder.mkdir(parents=True)
+    files = [folder / "one.txt", folder / "two-with-a-longer-name.txt"]
+    files[0].write_text("hello there")
+    files[1].write_text("general kenobi")
+    lines = lmforge("tokenizer", "stats", "--tokenizer", str(trained), str(folder)).stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == ["file", str(files[0]), str(files[1]), "total"]
+    assert len({line.index(line.split()[1]) + len(line.split()[1]) for line in lines[1:]}) == 1  # bytes right-aligned
+
+
 @pytest.mark.parametrize(
     "args, stdin, message",
     [

@@ -87,11 +87,32 @@ def test_a_good_download_is_identical_to_the_source(tmp_path: Path, mirror: Mirr
     assert _files(out) == ["the-verdict.txt"]  # no temporary file left
 
 
-def test_gpt2_vocab_fetches_both_files(tmp_path: Path, mirror: Mirror) -> None:
-    results = download("gpt2-vocab", tmp_path / "gpt2", mirror=mirror.url)
-    assert [(p.name, fetched) for p, fetched in results] == [("encoder.json", True), ("vocab.bpe", True)]
+def test_gpt2_vocab_fetches_both_files_into_a_folder_named_after_the_set(tmp_path: Path, mirror: Mirror) -> None:
+    results = download("gpt2-vocab", tmp_path / "data", mirror=mirror.url)
+    assert results == [(tmp_path / "data" / "gpt2-vocab" / "encoder.json", True), (tmp_path / "data" / "gpt2-vocab" / "vocab.bpe", True)]
     for p, _ in results:
         assert p.read_bytes() == (SHARED / "gpt2" / p.name).read_bytes()
+
+
+def test_where_files_are_saved_follows_one_rule() -> None:
+    """One file: OUT/<file name>; several: OUT/<set name>/<file name>. Names never collide within --out."""
+    everything: list[str] = []
+    for source in DATASETS.values():
+        saved = [source.saved_as(f) for f in source.files]
+        if len(source.files) == 1:
+            assert saved == [source.files[0].name]
+        else:
+            assert saved == [f"{source.name}/{f.name}" for f in source.files]
+        everything += saved
+    assert len(everything) == len(set(everything))
+    assert DATASETS["sms-spam"].saved_as(DATASETS["sms-spam"].files[0]) == "SMSSpamCollection"
+
+
+def test_a_path_in_the_way_is_named(tmp_path: Path, mirror: Mirror) -> None:
+    (tmp_path / "out" / "the-verdict.txt").mkdir(parents=True)
+    with pytest.raises(LmforgeError, match="the-verdict.txt exists and is not a file"):
+        download("the-verdict", tmp_path / "out", mirror=mirror.url)
+    assert mirror.requests == []
 
 
 def test_a_bad_checksum_is_refused_and_nothing_is_saved(tmp_path: Path, mirror: Mirror) -> None:
@@ -135,7 +156,11 @@ def test_a_missing_file_on_the_server_is_a_clear_error(tmp_path: Path, mirror: M
 def test_the_mirror_can_be_a_folder_given_by_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MIRROR_ENV, str(SHARED))
     [(path, fetched)] = download("sms-spam", tmp_path / "out")
-    assert fetched and path.read_bytes() == (SHARED / "sms_spam" / "SMSSpamCollection").read_bytes()
+    assert fetched and path == tmp_path / "out" / "SMSSpamCollection"
+    assert path.read_bytes() == (SHARED / "sms_spam" / "SMSSpamCollection").read_bytes()
+    results = download("stories260K", tmp_path / "out")
+    assert [p.relative_to(tmp_path / "out").as_posix() for p, _ in results] == ["stories260K/stories260K.bin", "stories260K/tok512.bin"]
+    assert all(p.read_bytes() == (SHARED / "weights" / "stories260K" / p.name).read_bytes() for p, _ in results)
 
 
 def test_without_a_mirror_the_pinned_url_is_asked(tmp_path: Path) -> None:
@@ -158,13 +183,13 @@ def test_an_unknown_name_lists_the_choices(tmp_path: Path) -> None:
         download("shakespeare", tmp_path)
 
 
-def _sources_rows() -> dict[str, tuple[str, str, str]]:
-    """SOURCES.md's per-file table: mirror path -> (origin path, commit, sha256)."""
+def _sources_rows() -> dict[str, tuple[str, str, str, str]]:
+    """SOURCES.md's per-file table: mirror path -> (origin repo, origin path, commit, sha256)."""
     rows = {}
     for line in (SHARED / "SOURCES.md").read_text(encoding="utf-8").splitlines():
-        cells = [c.strip().strip("`") for c in line.split("|")[1:-1]]
+        cells = [c.strip().strip("`") for c in line.split("|")[1:]]
         if len(cells) >= 6 and re.fullmatch(r"[0-9a-f]{64}", cells[5]):
-            rows[cells[0]] = (cells[2], cells[3], cells[5])
+            rows[cells[0]] = (cells[1], cells[2], cells[3], cells[5])
     return rows
 
 
@@ -172,16 +197,21 @@ def test_registry_matches_the_shared_files_and_sources_md() -> None:
     rows = _sources_rows()
     expected = {
         "tinyshakespeare", "the-verdict", "sms-spam", "instruction-data", "instruction-data-with-preference",
-        "alpaca-en-demo", "dpo-en-demo", "gpt2-vocab",
+        "alpaca-en-demo", "dpo-en-demo", "gpt2-vocab", "gutenberg", "nltk-gutenberg", "stories260K",
     }  # fmt: skip
     assert set(DATASETS) == expected
+    assert [f.path for f in DATASETS["gutenberg"].files] == sorted(
+        (f"gutenberg/{p.name}" for p in (SHARED / "gutenberg").iterdir()), key=lambda p: int(p.split("-")[0][len("gutenberg/pg"):])
+    )
+    assert {f.path for f in DATASETS["nltk-gutenberg"].files} == {f"nltk/gutenberg/{p.name}" for p in (SHARED / "nltk" / "gutenberg").iterdir()}
     for source in DATASETS.values():
         for f in source.files:
             local = (SHARED / f.path).read_bytes()
-            assert hashlib.sha256(local).hexdigest() == f.sha256 == rows[f.path][2]
+            assert hashlib.sha256(local).hexdigest() == f.sha256 == rows[f.path][3]
             assert len(local) == f.size
-            origin, commit, _ = rows[f.path]
+            repo, origin, commit, _ = rows[f.path]
             if f.url.startswith("https://raw.githubusercontent.com/"):
-                assert f.url.endswith(f"/{commit}/{origin}")  # pinned to the commit SOURCES.md names
+                # pinned to the repository and commit SOURCES.md names
+                assert f.url == f"https://raw.githubusercontent.com/{repo}/{commit}/{origin}".replace(" ", "%20")
             else:
                 assert f.url.startswith("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/")

@@ -40,10 +40,15 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> str:
+    return run_cli_both(capsys, *args)[0]
+
+
+def run_cli_both(capsys: pytest.CaptureFixture, *args: str) -> tuple[str, str]:
+    """(stdout, stderr) of a command that must succeed."""
     code = main(list(args))
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    return captured.out
+    return captured.out, captured.err
 
 
 # --- the classification head -----------------------------------------------------------
@@ -77,12 +82,20 @@ def test_left_padding_keeps_gradients_finite():
 
 def test_classify_end_to_end(bases, tmp_path, capsys):
     out = tmp_path / "spam"
-    printed = run_cli(capsys, "finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--max-steps", "6",
-                      "--batch-size", "8", "--lr", "1e-3", "--eval-every", "3", "--out", str(out))
+    printed, said = run_cli_both(capsys, "finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS),
+                                 "--max-steps", "6", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "3", "--out", str(out))
     assert "test  accuracy" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels"] == ["ham", "spam"] and metrics["steps"] == 6
     assert {s: metrics["splits"][s]["examples"] for s in ("train", "val", "test")} == {"train": 1045, "val": 149, "test": 300}
+    # before and after read at most --eval-examples (200) of each split, and say so
+    assert {s: metrics["splits"][s]["evaluated"] for s in ("train", "val", "test")} == {"train": 200, "val": 149, "test": 200}
+    for when in ("before", "after"):
+        assert (f"{when} training: measuring the loss and accuracy on 200 of 1,045 train examples, 149 val examples, 200 of 300 "
+                "test examples (at most 200 per split: --eval-examples N changes it, 0 measures every example)") in said
+    assert printed.startswith("trained 6 steps\n") and "(200 of 1,045 examples)" in printed and "(149 examples)" in printed
+    # a classifier's validation loss is a cross-entropy over labels, not over a vocabulary: no perplexity
+    assert "step 6: val loss" in said and "perplexity" not in said
     for split in metrics["splits"].values():
         for when in ("before", "after"):
             assert 0.0 <= split[when]["accuracy"] <= 1.0 and split[when]["loss"] > 0
@@ -111,12 +124,16 @@ def test_last_block_training_changes_only_the_last_block_norm_and_head(bases, tm
 
 def test_instruct_end_to_end_with_lora(bases, tmp_path, capsys):
     out = tmp_path / "instruct"
-    printed = run_cli(capsys, "finetune", "instruct", "--base", str(bases["gpt2"]), "--data", str(INSTRUCTIONS), "--max-steps", "4",
-                      "--batch-size", "4", "--lr", "3e-3", "--lora-r", "4", "--lora-targets", "all-linear",
-                      "--eval-batches", "2", "--out", str(out))
-    assert "response loss" in printed
+    printed, said = run_cli_both(capsys, "finetune", "instruct", "--base", str(bases["gpt2"]), "--data", str(INSTRUCTIONS),
+                                 "--max-steps", "4", "--batch-size", "4", "--lr", "3e-3", "--lora-r", "4", "--lora-targets",
+                                 "all-linear", "--eval-batches", "2", "--out", str(out))
+    assert "train response loss" in printed and "(200 of 935 examples)" in printed and "(110 examples)" in printed
+    assert ("before training: measuring the response loss on 200 of 935 train examples, 55 val examples, "
+            "110 test examples (at most 200 per split") in said
+    assert f"writing greedy answers for 110 test examples to {out / 'responses.jsonl'}\n" in said
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["template"] == "alpaca" and metrics["steps"] == 4
+    assert {s: v["evaluated"] for s, v in metrics["splits"].items()} == {"train": 200, "val": 55, "test": 110}
     assert metrics["splits"]["val"]["after"]["loss"] < metrics["splits"]["val"]["before"]["loss"]
     responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     test_items = book_split(read_instructions(INSTRUCTIONS))["test"]
@@ -134,6 +151,41 @@ def test_instruct_end_to_end_with_lora(bases, tmp_path, capsys):
     reply = run_cli(capsys, "generate", "--model", str(out), "--chat", "--prompt", "Name a color.", "--temperature", "0",
                     "--max-new-tokens", "5")
     assert "### Response" not in reply
+
+
+def test_eval_examples_bounds_the_measures_and_the_answers(bases, tmp_path, capsys):
+    out = tmp_path / "few"
+    printed, said = run_cli_both(capsys, "finetune", "instruct", "--base", str(bases["llama"]), "--data", str(INSTRUCTIONS),
+                                 "--max-steps", "1", "--batch-size", "2", "--eval-batches", "1", "--eval-examples", "7",
+                                 "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {s: (v["examples"], v["evaluated"]) for s, v in metrics["splits"].items()} == {
+        "train": (935, 7), "val": (55, 7), "test": (110, 7)}
+    assert "on 7 of 935 train examples, 7 of 55 val examples, 7 of 110 test examples (at most 7 per split" in said
+    assert "writing greedy answers for 7 of 110 test examples (--eval-examples N changes how many; 0 answers every one)" in said
+    test_items = book_split(read_instructions(INSTRUCTIONS))["test"]
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in responses] == [test_items[i * 110 // 7]["instruction"] for i in range(7)]  # spread out
+    assert printed.startswith("trained 1 step\n") and "(7 of 935 examples)" in printed
+
+
+def test_eval_rows_are_all_or_spread_evenly():
+    from lmforge.recipes.common import eval_rows
+
+    assert eval_rows(5, 0) == eval_rows(5, 5) == eval_rows(5, 200) == [0, 1, 2, 3, 4]
+    assert eval_rows(10, 3) == [0, 3, 6] and eval_rows(935, 200)[-1] == 930 and len(set(eval_rows(935, 200))) == 200
+
+
+def test_finetune_help_describes_fine_tuning(capsys):
+    for task in ("classify", "instruct"):
+        with pytest.raises(SystemExit):
+            main(["finetune", task, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "windows" not in text and "max_tokens" not in text and "--max-tokens" not in text
+        assert "--batch-size SIZE examples per micro-batch per process" in text
+        assert "--max-steps STEPS optimizer steps; 0: --epochs passes over the training split" in text
+        assert "--eval-examples EXAMPLES examples per split measured before and after training" in text
+        assert ("--sample-prompts" in text) == (task == "instruct")  # a classifier does not train the head that continues text
 
 
 def _adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -167,6 +219,13 @@ def test_bad_options_say_what_to_do(bases, tmp_path, capsys):
     assert main(["finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--epochs", "1",
                  "--trainable", "last-9", "--out", str(tmp_path)]) == 2
     assert "only 2 blocks" in capsys.readouterr().err
+    assert main(["finetune", "instruct", "--base", str(bases["llama"]), "--data", str(INSTRUCTIONS), "--epochs", "1",
+                 "--eval-examples", "-1", "--out", str(tmp_path)]) == 2
+    assert "--eval-examples must be a number of examples >= 0 (0: every example), got -1" in capsys.readouterr().err
+    # a time limit alone ran one step: it only stops a run early
+    assert main(["finetune", "classify", "--base", str(bases["llama"]), "--data", str(SMS), "--time-limit", "60",
+                 "--out", str(tmp_path)]) == 2
+    assert "say how long to train: --epochs N or --max-steps N (--time-limit only stops a run early)" in capsys.readouterr().err
 
 
 def test_imported_bases_fine_tune_too(tmp_path, capsys):

@@ -21,7 +21,7 @@ from lmforge.config import Config
 from lmforge.engine import Engine
 from lmforge.engine.sampling import SamplingParams
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import config_from_hf, config_to_hf, load_hf, save_hf
+from lmforge.interop.hf import config_from_hf, config_to_hf, export_hf, load_hf, save_hf
 from lmforge.interop.hf_tokenizer import GPT4_PATTERN_ONIG, tokenizer_from_hf_json
 from lmforge.loading import load  # the public entry point: ours, Hugging Face or llama2.c
 from lmforge.model import GPT
@@ -396,6 +396,20 @@ def test_exported_tokenizer_loads_in_transformers(tmp_path: Path, gpt2_tok: Toke
     back = load(out)
     assert back.tokenizer is not None and back.tokenizer.fingerprint == tok.fingerprint
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eot_id
+
+
+
+def test_export_lists_what_it_wrote_and_notes_what_it_could_not(tmp_path: Path, gpt2_tok: Tokenizer) -> None:
+    """A pattern with no exact Hugging Face spelling: no tokenizer.json, and the export says
+    so in its notes (save_hf: a warning) instead of claiming a file it did not write."""
+    tok = Tokenizer(gpt2_tok.merges[:50], {"<|endoftext|>": 306}, r"\p{L}+|\p{N}{1,3}+|\s+|[^\s\p{L}\p{N}]+", gpt2_tok.byte_order)
+    model = our_model(our_gpt2_config(vocab_size=tok.vocab_size))
+    export = export_hf(model, tmp_path / "hf", tokenizer=tok)
+    assert sorted(export.files) == sorted(p.name for p in export.path.iterdir()) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert len(export.notes) == 1 and "no exact Hugging Face spelling" in export.notes[0] and "no tokenizer.json" in export.notes[0]
+    with pytest.warns(UserWarning, match="no exact Hugging Face spelling"):
+        save_hf(model, tmp_path / "hf", tokenizer=tok, overwrite=True)
+    assert export_hf(model, tmp_path / "hf", tokenizer=gpt2_tok, overwrite=True).notes == []
 
 
 # --- errors ------------------------------------------------------------------------------------

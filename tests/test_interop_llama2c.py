@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from glob import glob
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import shared
+from conftest import read_text, shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge.engine import Engine, generate_uncached
 from lmforge.engine.sampling import SamplingParams
 from lmforge.errors import LmforgeError
+from lmforge.interop.hf_tokenizer import llama2c_from_hf_json, sentencepiece_tokenizer_json, write_hf_sentencepiece
 from lmforge.interop.llama2c import load_llama2c
 from lmforge.loading import load
 from lmforge.tokenizer.llama2c import Llama2cTokenizer
@@ -452,3 +454,109 @@ def test_tokenizer_errors(tok_path, tmp_path) -> None:
     (tmp_path / "tokenizer.json").write_text('{"format": "lmforge.senten', encoding="utf-8")
     with pytest.raises(LmforgeError, match="truncated or not JSON"):
         Llama2cTokenizer.load(tmp_path)
+
+
+# --- the tokenizer in Hugging Face's form ------------------------------------------------
+# Exact means: `transformers.AutoTokenizer` on the exported folder gives our ids for every
+# text (BOS first, byte fallback included) and decodes them back to the text.
+VOCABS = {"tok512": f"{WEIGHTS}/tok512.bin", "llama2-32k": "weights/llama2c-tok32k/tokenizer.bin"}
+
+
+def real_texts() -> list[str]:
+    """Stories, novels (with Project Gutenberg's byte-order mark and curly quotes), Korean law
+    and bills (byte fallback in the 512 vocabulary), and runs of spaces as in code."""
+    texts = read_text(shared("tinystories/tinystories_valid_head.txt")).split("\n\n")[:60]
+    for book in sorted(glob(str(shared("gutenberg") / "*.txt")))[:6]:
+        text = read_text(Path(book))
+        texts += [text[:4000], text[len(text) // 2 : len(text) // 2 + 4000]]
+    texts += [read_text(Path(f))[:6000] for f in sorted(glob(str(shared("korean/konlpy") / "*" / "*.txt")))[:6]]
+    texts += ["def f(x):\n    if x:\n        return [x,  x]\n" + " " * 37 + "end", " " * 17 + "z" + " " * 33, "\t\t tabs  and   spaces    "]
+    return texts
+
+
+@pytest.fixture(scope="module", params=list(VOCABS))
+def exported(request, tmp_path_factory):
+    """(our tokenizer, transformers' AutoTokenizer on the folder write_hf_sentencepiece wrote, that folder)."""
+    from transformers import AutoTokenizer
+
+    ours = Llama2cTokenizer.load_bin(shared(VOCABS[request.param]))
+    folder = tmp_path_factory.mktemp(request.param)
+    files, notes = write_hf_sentencepiece(folder, ours, context_length=512)
+    assert files == ["tokenizer.json", "tokenizer_config.json"] and notes == []
+    return ours, AutoTokenizer.from_pretrained(folder, model_max_length=10**9), folder
+
+
+def test_hf_tokenizer_encodes_real_text_as_ours(exported) -> None:
+    """transformers and the tokenizers library itself, on tokenizer.json as written."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    ours, theirs, folder = exported
+    rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+    total = 0
+    for text in real_texts():
+        ids = ours.encode(text)
+        assert theirs.encode(text) == ids, text[:80]
+        assert rust.encode(text).ids == ids, text[:80]
+        assert theirs.decode(ids, skip_special_tokens=True) == text == ours.decode(ids)
+        total += len(ids)
+    assert total > 40_000  # tens of thousands of ids compared
+
+
+def test_hf_tokenizer_bos_eos_byte_fallback_and_specials(exported) -> None:
+    ours, theirs, _ = exported
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.unk_token_id) == (BOS, EOS, 0)
+    assert theirs.encode("") == ours.encode("") == [BOS]
+    assert theirs.encode("Lily", add_special_tokens=False) == ours.encode("Lily", bos=False)
+    assert theirs.encode("\x00\x7f\U0010ffff") == ours.encode("\x00\x7f\U0010ffff")  # bytes no vocabulary holds
+    # llama2.c reads "<s>" in a text as text; transformers is told to (split_special_tokens)
+    assert theirs.encode("a <s> b </s> <unk>") == ours.encode("a <s> b </s> <unk>")
+    assert BOS not in ours.encode("a <s> b")[1:]
+
+
+def test_hf_tokenizer_known_difference_is_the_one_stated(exported) -> None:
+    """U+2581 ("▁") is a space to every sentencepiece-style tokenizer and a character to
+    run.c: the one text difference the export states (SENTENCEPIECE_CAVEAT)."""
+    ours, theirs, _ = exported
+    assert theirs.encode("a\u2581b") == theirs.encode("a b") != ours.encode("a\u2581b")
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([*TEXT_PARTS, "    ", "\t", "the", " the", "<0x41>"]), max_size=25).map("".join))
+def test_hf_tokenizer_matches_on_generated_text(exported, text: str) -> None:
+    ours, theirs, _ = exported
+    assert theirs.encode(text) == ours.encode(text)
+
+
+def test_hf_tokenizer_reads_back_as_an_equal_llama2c_tokenizer(exported) -> None:
+    ours, _, folder = exported
+    back = llama2c_from_hf_json(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")))
+    assert back.vocab_size == ours.vocab_size
+    assert [p for i, p in enumerate(back.pieces) if i > 2] == ours.pieces[3:]
+    for text in real_texts()[::4] + SENTENCES:
+        assert back.encode(text) == ours.encode(text), text[:80]
+
+
+def test_hf_tokenizer_notes_what_it_cannot_carry() -> None:
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b" ", b"a", b"\xff\xfe", b" a", b"a"]
+    doc, notes = sentencepiece_tokenizer_json(Llama2cTokenizer(pieces, [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -0.5, -4.0]))
+    assert [n.split(" (")[0] for n in notes] == ["1 piece(s)", "1 piece(s)", "no <0xNN> piece for 256 byte value(s)"]
+    assert "not UTF-8" in notes[0] and "repeat an earlier piece" in notes[1]
+    assert doc["model"]["vocab"]["<lmforge-piece-5>"] == 5 and doc["model"]["vocab"]["<lmforge-piece-7>"] == 7
+    assert doc["model"]["merges"] == [["\u2581", "a"]]
+
+
+def test_hf_tokenizer_json_that_is_not_llama2c_is_refused(exported) -> None:
+    _, _, folder = exported
+    doc = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    metaspace = doc | {"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}}
+    with pytest.raises(LmforgeError, match="leading space"):
+        llama2c_from_hf_json(metaspace)
+    merges = doc["model"]["merges"]
+    joined = [a + b for a, b in merges]
+    twice = next(k for k, m in enumerate(joined) if joined.count(m) > 1)  # a piece two merges make: drop one
+    dropped = doc | {"model": doc["model"] | {"merges": merges[:twice] + merges[twice + 1 :]}}
+    with pytest.raises(LmforgeError, match="which is not a merge"):
+        llama2c_from_hf_json(dropped)
+    moved = merges[:twice] + merges[twice + 1 :] + [merges[twice]]  # its two merges now rank apart, others between
+    with pytest.raises(LmforgeError, match="interleave"):
+        llama2c_from_hf_json(doc | {"model": doc["model"] | {"merges": moved}})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from fs_faults import break_dir_renames
 
 import lmforge.io as lio
 from lmforge import LmforgeError
-from lmforge.io import atomic_dir, atomic_output_dir, recover_leftovers, remove_dir
+from lmforge.io import atomic_dir, atomic_file, atomic_output_dir, recover_leftovers, remove_dir
 
 
 def hidden(folder: Path) -> list[str]:
@@ -314,3 +315,60 @@ def test_a_kill_at_any_moment_leaves_one_whole_folder(tmp_path, mode):
             n = files["sub/last"]
             assert sorted(files) == sorted([f"f{i}" for i in range(20)] + ["sub/last"])
             assert all(files[f"f{i}"] == n * (1 + 997 * i) for i in range(20)), "a folder mixing two writes"
+
+
+# --- permissions ------------------------------------------------------------------------
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    """Run a test under a umask (put back after it)."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """Permission bits of `root` and everything under it (relative posix path -> mode)."""
+    return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [root, *sorted(root.rglob("*"))]}
+
+
+def expected_modes(root: Path, mask: int) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): (0o777 if p.is_dir() else 0o666) & ~mask for p in [root, *sorted(root.rglob("*"))]}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_the_umask_is_read_without_changing_it(umask):
+    assert lio.umask() == umask and lio.new_file_mode() == 0o666 & ~umask
+    assert os.umask(umask) == umask  # still the one the test set
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_written_files_and_folders_get_the_modes_of_the_umask(tmp_path, umask):
+    """Not the 0600 of a temporary file: a model, a checkpoint, a tokenizer and a data folder
+    are readable by whoever the user's umask lets read them (0644 / 0755 under umask 022)."""
+    import torch
+    from data_fixtures import small_tokenizer, write_texts
+
+    from lmforge.config import Config
+    from lmforge.data.prepare import prepare
+    from lmforge.model import GPT
+    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.weights import save_pretrained, state_dict_for_saving
+
+    tok = small_tokenizer()
+    model = GPT(Config.from_name("nano", vocab_size=tok.vocab_size, context_length=16, n_layer=1, n_embd=32, n_head=2,
+                                 n_kv_head=1, mlp_hidden=64))
+    with atomic_file(tmp_path / "one.txt") as f:
+        f.write(b"x")
+    save_pretrained(model, tmp_path / "model", tokenizer=tok)
+    checkpoint = save_checkpoint(tmp_path / "run", 1, config=model.config, model_state=state_dict_for_saving(model),
+                                 tokenizer=tok, optimizer_state=torch.optim.AdamW(model.parameters()).state_dict())
+    tok.save(tmp_path / "tok")
+    write_texts(tmp_path / "corpus", ["one text.", "another text."])
+    prepare([tmp_path / "corpus"], tok, tmp_path / "data", val_fraction=0.5)
+    assert stat.S_IMODE((tmp_path / "one.txt").stat().st_mode) == 0o666 & ~umask
+    for folder in (tmp_path / "model", tmp_path / "run", checkpoint, tmp_path / "tok", tmp_path / "data"):
+        assert len(modes(folder)) > 1
+        got, want = modes(folder), expected_modes(folder, umask)
+        assert {k: oct(v) for k, v in got.items()} == {k: oct(v) for k, v in want.items()}, folder

@@ -426,6 +426,10 @@ def test_cli_merge_writes_a_model_folder_with_the_merged_logits(tmp_path, capsys
     assert run_cli("lora", "merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")) == 0
     printed = capsys.readouterr().out
     assert "r=4, alpha=8, 8 layers" in printed and "with the base's tokenizer" in printed
+    # what was written where; the base was only read (never "merged ... into <base>")
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    assert printed.startswith(f"wrote a merged model (base {base} + adapter {adapter}: ")
+    assert f") to {out}; {base} is unchanged\n" in printed and " into " not in printed
     merged = load(tmp_path / "merged")
     assert max_diff(logits(merged), adapted) <= TOL
     assert merged.tokenizer is not None and merged.tokenizer.encode("To be, or not") == tok.encode("To be, or not")
@@ -541,7 +545,7 @@ def test_lora_over_an_nf4_base_round_trips_and_merges_into_the_dense_base(tmp_pa
     assert not any(isinstance(m, Linear4bit) for m in dense.modules())
     dense_adapted = logits(dense)
     assert run_cli("lora", "merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")) == 0
-    assert "trained over a nf4 copy of the base; merged into the full-precision base" in capsys.readouterr().out
+    assert "trained over an NF4 (4-bit) copy of the base; it was merged into the full-precision base" in capsys.readouterr().out
     assert max_diff(logits(load(tmp_path / "merged")), dense_adapted) <= TOL
     with pytest.warns(UserWarning, match="not the quantized one"):
         merge_lora(model)  # merging the 4-bit model itself: dequantized weights + adapter

@@ -220,4 +220,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(_GPT2, context_length=256, n_layer=6, n_head=6, n_embd=384),
     "micro": dict(_LLAMA, vocab_size=8192, context_length=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, mlp_hidden=768, tie_embeddings=True),
     "nano": dict(_LLAMA, vocab_size=4096, context_length=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=256, tie_embeddings=True),
+    # the best shape for minutes of CPU training: both sweeps found it (benchmarks/bench_shakespeare.py, bench_quickstart.py)
+    "tiny": dict(_LLAMA, vocab_size=2048, context_length=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=384, tie_embeddings=True),
 }

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lmforge.errors import LmforgeError
+from lmforge.text import plural
 
 # Suffixes taken when a folder is given; a file named explicitly is always taken.
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".rst", ".py", ".jsonl"})
@@ -151,11 +152,11 @@ class ReadStats:
     files_with_replacements: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        text = f"{self.documents:,} documents from {self.files:,} files, {self.bytes / 1e6:,.1f} MB"
+        text = f"{plural(self.documents, 'document')} from {plural(self.files, 'file')}, {self.bytes / 1e6:,.1f} MB"
         if self.replaced_bytes:
             text += (
-                f"; {self.replaced_bytes:,} undecodable bytes replaced by U+FFFD in "
-                f"{len(self.files_with_replacements)} file(s) (not UTF-8), e.g. {self.files_with_replacements[0]}"
+                f"; {plural(self.replaced_bytes, 'undecodable byte')} replaced by U+FFFD in "
+                f"{plural(len(self.files_with_replacements), 'file')} (not UTF-8), e.g. {self.files_with_replacements[0]}"
             )
         return text
 

@@ -11,6 +11,10 @@ or atomically exchanged into place; leftovers of a crash are repaired by the nex
 
 Owners: `lock_folder` makes one process the only writer of a folder (an OS lock on
 `.lock` inside it, which the system drops when the process ends, however it ends).
+
+Permissions: what lands gets the mode any new file or folder gets under the user's umask
+(0644 and 0755 with umask 022), not the private 0600 of a temporary file, so another user
+or a server process can read a model the umask lets them read (`umask`, `new_file_mode`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,44 @@ except ImportError:  # Windows: folder locks are a no-op there (see `lock_folder
     fcntl = None  # type: ignore[assignment]
 
 
+def _umask_from_proc() -> int | None:
+    """The umask from /proc/self/status (Linux 4.7+), read without changing it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    """The umask when lmforge.io was imported. `os.umask` only reads it by setting it: done
+    once here, while importing, and put back at once (a thread creating a file in between
+    would get mode 022 instead of the user's), never again later while threads may run."""
+    mask = _umask_from_proc()
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _umask_at_import()
+
+
+def umask() -> int:
+    """The process's umask now (from /proc where the system has it, so a change after
+    import counts), else as it was when lmforge.io was imported; never changes it."""
+    mask = _umask_from_proc()
+    return _IMPORT_UMASK if mask is None else mask
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets from `open()`: 0o666 less the umask (0644 with umask 022)."""
+    return 0o666 & ~umask()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
     with contextlib.suppress(OSError):
@@ -57,11 +99,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
     It is a temporary file in the same folder, fsynced and renamed over `path` at the
     end; on any exception (a failed check inside the block included) it is deleted.
+    The file lands with the mode a new file gets under the umask (`new_file_mode`), not
+    the 0600 mkstemp gives its temporary files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _set_mode(fd, tmp, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -72,6 +117,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _set_mode(fd: int, path: str, mode: int) -> None:
+    """chmod an open file (by its descriptor where the system can, else by its name)."""
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:  # Windows before Python 3.13: only the read-only bit means anything there
+        os.chmod(path, mode)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -210,6 +263,29 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(Path(folder))
 
 
+def give_umask_modes(root: str | os.PathLike) -> None:
+    """Give every file and folder under `root` the mode a new one gets under the umask
+    (files 0o666, or 0o777 when the owner may run them, and folders 0o777, less the umask).
+    Writers that go through a temporary file (safetensors' `save_file`, `atomic_file`'s
+    mkstemp) leave it private (0600): a model folder must be readable by whoever the
+    user's umask lets read it. Symlinks are left alone."""
+    mask = umask()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        _chmod_bits(dirpath, os.lstat(dirpath).st_mode, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                _chmod_bits(path, st.st_mode, (0o777 if st.st_mode & stat.S_IXUSR else 0o666) & ~mask)
+
+
+def _chmod_bits(path: str, mode: int, want: int) -> None:
+    """Set the rwx bits of `path` to `want`, keeping setuid/setgid/sticky (a folder's setgid
+    makes what is created in it take the folder's group: it stays)."""
+    if mode & 0o777 != want:
+        os.chmod(path, (stat.S_IMODE(mode) & 0o7000) | want)
+
+
 @functools.cache
 def _renameat2() -> Any:
     if not sys.platform.startswith("linux"):
@@ -294,7 +370,8 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     disk, not just in the page cache. On any exception (KeyboardInterrupt included) the
     temporary folder is removed and `out` is left as it was; after a hard crash, the next
     `atomic_dir` (or `recover_leftovers`) for `out` cleans up or restores what was left.
-    Missing parent folders are created.
+    Missing parent folders are created. Everything in it lands with the modes new files
+    and folders get under the umask (`give_umask_modes`).
     """
     out = Path(out)
     _make_dirs(out.parent)
@@ -302,6 +379,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     tmp = _new_temp(out)
     try:
         yield tmp
+        give_umask_modes(tmp)
         fsync_tree(tmp)
         _swap_in(tmp, out)
     except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lmforge import __version__
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _note  # a user reads notes, not source lines
     try:
         return args.func(args) or 0
     except LmforgeError as e:
@@ -51,6 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lmforge: error: {_describe(e)} (set LMFORGE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
+
+
+def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+          line: str | None = None) -> None:
+    """A library's warning as one line of the command's output (no source file and line)."""
+    print(f"note: {message}", file=sys.stderr)
 
 
 def _describe(e: BaseException) -> str:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.cli.common import add_command
 from lmforge.errors import LmforgeError
+from lmforge.text import plural
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,21 +20,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "convert weights: Hugging Face, llama2.c and OpenAI GPT-2 <-> our model folder",
         _convert,
         examples="""
-        lmforge convert --from-hf hf-gpt2/ --out runs/gpt2
+        lmforge convert --from-hf path/to/hf-gpt2 --out runs/gpt2                  # a Hugging Face folder
         lmforge convert --to-hf runs/gpt2 --out hf-export/
-        lmforge convert --from-llama2c stories260K.bin --tokenizer tok512.bin --out runs/stories260K
+        lmforge convert --from-llama2c data/stories260K/stories260K.bin --tokenizer data/stories260K/tok512.bin --out runs/stories260K
         lmforge convert --from-openai-gpt2 models/124M --out runs/gpt2
         """,
         description="""
         Our model folder is model.safetensors + config.json + tokenizer.json. Import a
         Hugging Face folder (GPT2LMHeadModel, LlamaForCausalLM; safetensors, sharded or
         not), a llama2.c .bin with its tokenizer.bin, or OpenAI's original GPT-2 release
-        folder; or export ours to a folder `transformers` loads.
+        folder; or export any model lmforge reads (a training run gives its newest
+        checkpoint) to a folder `transformers` loads, with its tokenizer: ours as GPT-2
+        style files, llama2.c's as a Llama tokenizer.json (BPE with byte fallback).
         """,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face model folder")
-    source.add_argument("--to-hf", metavar="DIR", help="our model folder, to export")
+    source.add_argument("--to-hf", metavar="PATH", help="a model to export: our model folder, a training run or checkpoint, a llama2.c .bin")
     source.add_argument("--from-llama2c", metavar="MODEL.bin", help="a llama2.c checkpoint")
     source.add_argument("--from-openai-gpt2", metavar="DIR", help="OpenAI's GPT-2 release folder (hparams.json + checkpoint)")
     p.add_argument("--tokenizer", metavar="TOKENIZER.bin", help="with --from-llama2c: its tokenizer (default: found beside the model)")
@@ -39,9 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from lmforge.interop.hf import load_hf, save_hf
-    from lmforge.weights import load_pretrained, save_pretrained
-
     for flag in ("from_hf", "to_hf", "from_llama2c", "from_openai_gpt2", "tokenizer", "out"):
         if getattr(args, flag) == "":
             raise LmforgeError(f"--{flag.replace('_', '-')} is empty; name a path")
@@ -50,11 +53,50 @@ def _convert(args: argparse.Namespace) -> int:
         raise LmforgeError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     if args.tokenizer and not args.from_llama2c:
         raise LmforgeError("--tokenizer goes with --from-llama2c")
-    if args.to_hf is not None:
-        model = load_pretrained(args.to_hf)
-        save_hf(model, out, overwrite=True)
-        print(f"wrote {out} (Hugging Face format: config.json, model.safetensors, tokenizer files)")
-        return 0
+    with _notes():
+        return _to_hf(args.to_hf, out) if args.to_hf is not None else _to_ours(args, out)
+
+
+@contextlib.contextmanager
+def _notes() -> Iterator[None]:
+    """What the readers and writers warn about (a tokenizer left out, several candidates
+    beside a model) as this command's own `note:` lines, never Python's raw warning text."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught):
+                print(f"note: {message}")
+
+
+def _to_hf(source: str, out: Path) -> int:
+    from lmforge.finetune.adapter import is_adapter_dir
+    from lmforge.interop.hf import export_hf
+    from lmforge.interop.hf_tokenizer import SENTENCEPIECE_CAVEAT
+    from lmforge.loading import load, resolve_model_path
+    from lmforge.tokenizer.llama2c import Llama2cTokenizer
+
+    resolved = resolve_model_path(source)  # a run or a quickstart's folder: its newest intact checkpoint
+    if is_adapter_dir(resolved):
+        raise LmforgeError(f"{source} is a LoRA adapter, which Hugging Face folders do not hold: merge it into its base first "
+                           f"(lmforge lora merge --adapter {source} --out MERGED), then export MERGED")
+    model = load(resolved)
+    export = export_hf(model, out, overwrite=True)
+    print(f"wrote {out} (Hugging Face format): {', '.join(export.files)}")
+    if model.tokenizer is None:
+        print("note: the model has no tokenizer, so none was written; give transformers one yourself")
+    elif isinstance(model.tokenizer, Llama2cTokenizer) and "tokenizer.json" in export.files:
+        print("note: tokenizer.json encodes as llama2.c does (BOS first, byte fallback), except: " + SENTENCEPIECE_CAVEAT)
+    for note in export.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _to_ours(args: argparse.Namespace, out: Path) -> int:
+    from lmforge.interop.hf import load_hf
+    from lmforge.weights import save_pretrained
+
     if args.from_hf is not None:
         model = load_hf(args.from_hf)
     elif args.from_llama2c is not None:
@@ -67,5 +109,5 @@ def _convert(args: argparse.Namespace) -> int:
         model = load_openai_gpt2(args.from_openai_gpt2)
     save_pretrained(model, out)
     tok = "with its tokenizer" if model.tokenizer is not None else "no tokenizer found"
-    print(f"wrote {out}: {model.num_params():,} parameters, {model.config.n_layer} layers ({tok})")
+    print(f"wrote {out}: {model.num_params():,} parameters, {plural(model.config.n_layer, 'layer')} ({tok})")
     return 0

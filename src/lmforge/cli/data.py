@@ -13,6 +13,7 @@ from lmforge.data import prepare
 from lmforge.data.download import DATASETS, MIRROR_ENV, download
 from lmforge.data.tokens import TOKEN_SPLITS, TokenData
 from lmforge.errors import LmforgeError
+from lmforge.text import plural
 from lmforge.tokenizer import Tokenizer
 
 
@@ -71,15 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         _download,
         examples=f"""
         lmforge data download --list
-        lmforge data download tinyshakespeare --out data
-        lmforge data download gpt2-vocab --out data/gpt2 && lmforge tokenizer from-gpt2 --encoder-json data/gpt2/encoder.json --vocab-bpe data/gpt2/vocab.bpe --out runs/gpt2-tok
-        lmforge data download the-verdict --out data --mirror https://example.org/lmforge-data    # or {MIRROR_ENV}=...
+        lmforge data download tinyshakespeare --out data/                  # -> data/tinyshakespeare.txt
+        lmforge data download gutenberg nltk-gutenberg --out data/         # -> data/gutenberg/*.txt, data/nltk-gutenberg/*.txt
+        lmforge data download gpt2-vocab --out data/ && lmforge tokenizer from-gpt2 --encoder-json data/gpt2-vocab/encoder.json --vocab-bpe data/gpt2-vocab/vocab.bpe --out runs/gpt2
+        lmforge data download the-verdict --out data/ --mirror ../shared/data    # or {MIRROR_ENV}=URL|DIR
         """,
         description="""
         Download data sets from URLs pinned to a commit, checking each file's sha256 as
         it streams in: a mismatch is refused and nothing is saved. Files already present
-        with the right hash are not fetched again. --mirror (a URL or a local folder)
-        fetches MIRROR/<path> instead, with the paths shown by --list.
+        with the right hash are not fetched again. A data set of one file is saved as
+        OUT/<file name>, one of several files as OUT/<set name>/<file name> (--list
+        shows each). --mirror (a URL or a local folder) fetches MIRROR/<path> instead,
+        with the mirror paths shown by --list.
         """,
     )
     p.add_argument("names", nargs="*", metavar="NAME", help=f"one or more of: {', '.join(DATASETS)}")
@@ -105,11 +109,12 @@ def _prepare(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     meta, sources = data.meta, data.meta["sources"]
-    print(f"read {sources['documents']:,} documents from {sources['files']:,} files, {sources['bytes'] / 1e6:,.1f} MB", file=sys.stderr)
+    print(f"read {plural(sources['documents'], 'document')} from {plural(sources['files'], 'file')}, {sources['bytes'] / 1e6:,.1f} MB",
+          file=sys.stderr)
     if sources["replaced_bytes"]:
         print(
             f"note: {sources['replaced_bytes']:,} undecodable bytes (not UTF-8) replaced by U+FFFD in "
-            f"{sources['files_with_replacements']} file(s), e.g. {sources['replacement_examples'][0]}",
+            f"{plural(sources['files_with_replacements'], 'file')}, e.g. {sources['replacement_examples'][0]}",
             file=sys.stderr,
         )
     if meta["val_split"] == "tail-of-tokens":
@@ -143,7 +148,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{split:<12}{m['tokens']:,} tokens, {m['documents']:,} documents ({m['file']})")
     print(f"val split   {meta['val_split']} (fraction {meta['val_fraction']})")
     print(
-        f"sources     {sources['files']:,} files, {sources['documents']:,} documents, {sources['bytes']:,} bytes, "
+        f"sources     {plural(sources['files'], 'file')}, {plural(sources['documents'], 'document')}, {sources['bytes']:,} bytes, "
         f"{sources['replaced_bytes']:,} undecodable bytes replaced"
     )
     return 0
@@ -152,11 +157,10 @@ def _info(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     if args.list:
         for source in DATASETS.values():
-            size = sum(f.size for f in source.files)
-            print(f"{source.name:<34}{size / 1e6:>7.2f} MB  {source.description}")
+            print(f"{source.name:<34}{source.size / 1e6:>7.2f} MB  {source.description}")
             print(f"{'':<43}license: {source.license}")
             for f in source.files:
-                print(f"{'':<43}{f.path}  sha256 {f.sha256[:16]}")
+                print(f"{'':<43}OUT/{source.saved_as(f)}  (mirror: {f.path}, sha256 {f.sha256[:16]})")
         return 0
     if not args.names:
         raise LmforgeError("name a data set to download (see `lmforge data download --list`)")

@@ -9,6 +9,7 @@ from lmforge.cli.common import add_command
 from lmforge.config import PRESETS, Config
 from lmforge.errors import LmforgeError
 from lmforge.estimate import DTYPES, Estimate, estimate, loss_block_rows
+from lmforge.text import plural
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         lmforge estimate --preset llama-3.2-1b --dtype nf4 --context 8192
         lmforge estimate --preset small --context 256 --batch 8      # training memory at 8 x 256
         lmforge estimate --config runs/model/config.json --json
+        lmforge estimate --config runs/quickstart --batch 8      # a run's (or a quickstart's) model
         """,
         description="""
         Parameters (exact, as the model counts them), weight bytes in every storage dtype,
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", metavar="NAME", help=f"a named config: {', '.join(PRESETS)}")
-    source.add_argument("--config", metavar="PATH", help="a config.json, or a model folder holding one")
+    source.add_argument("--config", metavar="PATH", help="a config.json, or any model lmforge reads (its config; the weights are not loaded)")
     p.add_argument("--dtype", default="fp32", help=f"storage dtype of weights and KV cache: {'|'.join(DTYPES)} (default: fp32)")
     p.add_argument("--context", type=int, metavar="N", help="tokens per sequence (default: the config's context_length)")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences (default: 1)")
@@ -46,7 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = Config.from_name(args.preset) if args.preset is not None else Config.load(args.config)
+    if args.preset is not None:
+        config = Config.from_name(args.preset)
+    else:
+        from lmforge.loading import load_config
+
+        config = load_config(args.config)
     if args.dtype not in DTYPES:
         raise LmforgeError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
     est = estimate(config, dtype=args.dtype, context=args.context, batch=args.batch)
@@ -79,7 +86,7 @@ def _family(config: Config) -> str:
     kv = "" if config.n_kv_head == config.n_head else f", {config.n_kv_head} kv heads"
     head = "tied head" if config.tie_embeddings else "separate head"
     return (
-        f"{config.n_layer} layers, {config.n_head} heads{kv}, n_embd {config.n_embd}, mlp {config.mlp} {config.mlp_hidden}, "
+        f"{plural(config.n_layer, 'layer')}, {plural(config.n_head, 'head')}{kv}, n_embd {config.n_embd}, mlp {config.mlp} {config.mlp_hidden}, "
         f"{config.norm}, {config.positions} positions, vocab {config.vocab_size:,}, {head}"
     )
 

@@ -11,6 +11,7 @@ from lmforge.cli.common import add_command, add_group, progress_enabled
 from lmforge.cli.flags import add_flags, config_from_args
 from lmforge.cli.pretrain import exit_status
 from lmforge.recipes.config import TRAINABLE_HELP, FinetuneConfig
+from lmforge.text import plural
 
 # TrainConfig fields that describe building a model from a preset: a fine-tuning run has a --base instead
 NOT_FOR_FINETUNING = ("preset", "model", "context_length", "max_tokens")
@@ -24,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train a classification head (e.g. spam vs ham) on a labelled file",
         _finetune_classify,
         examples="""
-        lmforge finetune classify --base runs/base --data data/sms_spam/SMSSpamCollection --epochs 5 --out runs/spam
-        lmforge finetune classify --base runs/base --data data/sms_spam/SMSSpamCollection --epochs 5 --trainable last-1 --out runs/spam-last
+        lmforge finetune classify --base runs/base --data data/SMSSpamCollection --epochs 5 --out runs/spam
+        lmforge finetune classify --base runs/base --data data/SMSSpamCollection --epochs 5 --trainable last-1 --out runs/spam-last
         lmforge finetune classify --base runs/base --data reviews.csv --text-field review --label-field stars --lora-r 8 --out runs/reviews
         """,
         description=f"""
@@ -34,10 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         --label-field). Classes are balanced by undersampling and split 70/10/20 (seed 123).
         Weights that learn: --trainable {TRAINABLE_HELP}; or LoRA adapters (--lora-r) over a
         frozen base, in 4 bits with --quantize nf4. Writes checkpoints/, metrics.jsonl, loss.png
-        and metrics.json (loss and accuracy per split, before and after) into --out.
+        and metrics.json (loss and accuracy per split, before and after, on at most
+        --eval-examples examples of each split) into --out.
         """,
     )
-    _add_finetune_flags(c, skip=("mask_prompt", "template"))
+    # sample prompts are continued by the language-model head, which a classifier does not train
+    _add_finetune_flags(c, skip=("mask_prompt", "template", "sample_prompts", "sample_tokens"))
     i = add_command(
         group,
         "instruct",
@@ -52,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         Each example (Alpaca instruction/input/output, or chat messages) is rendered with its
         template; the loss is taken on the responses only (--no-mask-prompt to learn prompts
         too), with <|endoftext|> learned once at each response's end. The file is split
-        85/5/10 in order (the book's split). After training, the held-out responses are
-        generated into responses.jsonl. Writes checkpoints/, metrics.jsonl, loss.png and
-        metrics.json (held-out response loss before and after) into --out.
+        85/5/10 in order (the book's split). After training, greedy responses to the test
+        prompts are written to responses.jsonl. Writes checkpoints/, metrics.jsonl, loss.png
+        and metrics.json (the response loss of each split before and after) into --out. The
+        losses and the answers cover at most --eval-examples examples of each split.
         """,
     )
     _add_finetune_flags(i, skip=("text_field", "label_field", "padding_side", "from_scratch"))
@@ -84,11 +88,12 @@ def _finetune_classify(args: argparse.Namespace) -> int:
 
     result = _run(run, args)
     splits = result.metrics["splits"]
-    print(f"{result.stopped} at step {result.metrics['steps']}")
+    print(_ending(result.stopped, result.metrics["steps"]))
     for s in EXAMPLE_SPLITS:
         before = splits[s].get("before")
         was = f"{100 * before['accuracy']:6.2f}% -> " if before else ""
-        print(f"{s:5} accuracy {was}{100 * splits[s]['after']['accuracy']:6.2f}%   loss {splits[s]['after']['loss']:.4f}")
+        print(f"{s:5} accuracy {was}{100 * splits[s]['after']['accuracy']:6.2f}%   loss {splits[s]['after']['loss']:.4f}"
+              f"   ({_measured_on(splits[s])})")
     print(f"model:   {result.checkpoint}")
     print(f"metrics: {result.out / 'metrics.json'}")
     print(f"try:     lmforge classify --model {result.out} \"Congratulations, you won a free cruise! Reply YES\"")
@@ -101,16 +106,27 @@ def _finetune_instruct(args: argparse.Namespace) -> int:
 
     result = _run(run, args)
     m = result.metrics
-    print(f"{result.stopped} at step {m['steps']}")
+    print(_ending(result.stopped, m["steps"]))
     for s, v in m["splits"].items():
         before = f"{v['before']['loss']:.4f} -> " if "before" in v else ""
-        print(f"{s:5} response loss {before}{v['after']['loss']:.4f}")
+        print(f"{s:5} response loss {before}{v['after']['loss']:.4f}   ({_measured_on(v)})")
     print(f"model:     {result.checkpoint}")
     print(f"responses: {result.responses}")
     print(f"metrics:   {result.out / 'metrics.json'}")
     print(f"try:       lmforge chat --model {result.out}")
     _resume_hint(result.stopped, result.out, "instruct")
     return exit_status(result.stopped)
+
+
+def _ending(stopped: str, steps: int) -> str:
+    """How the run ended: "trained 20 steps", or "stopped (time limit) after 12 steps"."""
+    return f"trained {plural(steps, 'step')}" if stopped == "done" else f"stopped ({stopped}) after {plural(steps, 'step')}"
+
+
+def _measured_on(split: dict) -> str:
+    """"200 of 935 examples": how much of a split the before/after numbers read (--eval-examples)."""
+    n, k = split["examples"], split.get("evaluated", split["examples"])
+    return plural(n, "example") if k == n else f"{k:,} of {plural(n, 'example')}"
 
 
 def _run(recipe: Callable[..., Any], args: argparse.Namespace) -> Any:

@@ -12,7 +12,7 @@ from lmforge.engine import Engine, SamplingParams, end_of_text_ids
 from lmforge.errors import LmforgeError
 from lmforge.loading import load
 from lmforge.serve.chat import ChatSession
-from lmforge.tokenizer.templates import session_messages, template_for
+from lmforge.tokenizer.templates import session_messages, template_for, template_note
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         _generate,
         examples="""
         lmforge generate --model runs/quickstart --prompt 'def fibonacci(n):' --stream
-        lmforge generate --model stories260K.bin --prompt-ids 1 --max-new-tokens 200 --temperature 0
-        lmforge generate --model hf-gpt2/ --prompt-ids 464,3290 --max-new-tokens 20 --temperature 0 --ids
+        lmforge generate --model data/stories260K/stories260K.bin --prompt-ids 1 --max-new-tokens 200 --temperature 0
+        lmforge generate --model path/to/hf-gpt2 --prompt-ids 464,3290 --max-new-tokens 20 --temperature 0 --ids
         lmforge generate --model runs/instruct --chat --prompt 'Name three primary colors.' --temperature 0
         """,
         description="""
@@ -112,6 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.prompt is None or engine.tokenizer is None:
             raise LmforgeError("--chat needs a --prompt (text) and a model with a tokenizer")
         template = template_for(engine.tokenizer)
+        _say_template(engine, args.model)
         args.prompt = template.render(session_messages(None, [], args.prompt), add_generation_prompt=True)
         stop_strings += list(template.stop_strings)
     prompt = _prompt(args, engine)
@@ -134,14 +135,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_template(engine: Engine, model: str) -> None:
+    """Once, on stderr: a model without a chat template is talked to in a plain transcript."""
+    if (note := template_note(engine.tokenizer, model)) is not None:
+        print(note, file=sys.stderr)
+
+
 def _chat(args: argparse.Namespace) -> int:
     engine = _engine(args)
     engine.check_request(max_new_tokens=args.max_new_tokens, seed=args.seed)  # before the first turn, not after it is typed
+    _say_template(engine, args.model)
     session = ChatSession(engine, system=args.system, sampling=_sampling(args), max_new_tokens=args.max_new_tokens, seed=args.seed,
                           template=template_for(engine.tokenizer))
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.model} (/reset to start over, /quit or Ctrl-D to leave)")
+        template = getattr(engine.tokenizer, "chat_template", None)
+        how = f"its {template} chat template" if template else "a plain transcript"
+        print(f"chatting with {args.model} in {how} (/reset to start over, /quit or Ctrl-D to leave)")
     while True:
         if interactive:
             print("you> ", end="", flush=True)

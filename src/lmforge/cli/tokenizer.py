@@ -11,6 +11,7 @@ from pathlib import Path
 from lmforge.cli.common import add_command, add_corpus_flags, add_group, progress_enabled
 from lmforge.corpus import ReadStats, corpus_paths, iter_documents, resolve_inputs
 from lmforge.errors import LmforgeError
+from lmforge.text import plural
 from lmforge.tokenizer import ENDOFTEXT, PATTERNS, TOKENIZER_FILE, Tokenizer, from_gpt2_files, train_bpe
 from lmforge.tokenizer.tokenizer import tokenizer_file
 
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "from-gpt2",
         "import OpenAI's GPT-2 encoder.json + vocab.bpe",
         _from_gpt2,
-        examples="lmforge tokenizer from-gpt2 --encoder-json gpt2/encoder.json --vocab-bpe gpt2/vocab.bpe --out runs/gpt2-tok",
+        examples="lmforge tokenizer from-gpt2 --encoder-json data/gpt2-vocab/encoder.json --vocab-bpe data/gpt2-vocab/vocab.bpe --out runs/gpt2-tok",
     )
     p.add_argument("--encoder-json", required=True, metavar="F")
     p.add_argument("--vocab-bpe", required=True, metavar="F")
@@ -150,7 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"read {stats.summary()}", file=sys.stderr)
     if tok.vocab_size < args.vocab_size:
         print(f"note: the corpus ran out of pairs to merge; vocabulary is {tok.vocab_size}, not {args.vocab_size}", file=sys.stderr)
-    print(f"wrote {file}: {tok.vocab_size:,} ids ({len(tok.merges):,} merges, specials {tok.special_tokens})")
+    print(f"wrote {file}: {tok.vocab_size:,} ids ({plural(len(tok.merges), 'merge')}, specials {tok.special_tokens})")
     return 0
 
 
@@ -195,12 +196,14 @@ def _stats(args: argparse.Namespace) -> int:
     _refuse_empty_paths(args.files, "FILE")
     tok = Tokenizer.load(args.tokenizer)
     total_bytes = total_tokens = 0
-    print(f"{'file':<48} {'bytes':>12} {'tokens':>12} {'bytes/token':>12}")
-    for path in resolve_inputs(args.files):
+    paths = resolve_inputs(args.files)
+    width = max([len("total"), *(len(str(p)) for p in paths)])  # whole paths: a cut one may name another file
+    print(f"{'file':<{width}} {'bytes':>12} {'tokens':>12} {'bytes/token':>12}")
+    for path in paths:
         stats = ReadStats()
         n_tokens = sum(len(tok.encode(c)) for doc in iter_documents([path], stats) for c in doc)
         total_bytes += stats.bytes
         total_tokens += n_tokens
-        print(f"{str(path)[-48:]:<48} {stats.bytes:>12,} {n_tokens:>12,} {stats.bytes / max(n_tokens, 1):>12.3f}")
-    print(f"{'total':<48} {total_bytes:>12,} {total_tokens:>12,} {total_bytes / max(total_tokens, 1):>12.3f}")
+        print(f"{path!s:<{width}} {stats.bytes:>12,} {n_tokens:>12,} {stats.bytes / max(n_tokens, 1):>12.3f}")
+    print(f"{'total':<{width}} {total_bytes:>12,} {total_tokens:>12,} {total_bytes / max(total_tokens, 1):>12.3f}")
     return 0

@@ -37,6 +37,7 @@ from lmforge.corpus import ReadStats, file_kind, iter_documents, resolve_inputs
 from lmforge.data.tokens import FORMAT, FORMAT_VERSION, META_FILE, TOKEN_SPLITS, TokenData, token_dtype
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, atomic_write_text
+from lmforge.text import plural
 from lmforge.tokenizer import ENDOFTEXT, Tokenizer
 from lmforge.tokenizer.tokenizer import TOKENIZER_FILE
 
@@ -285,7 +286,7 @@ def prepare(
                 f.close()
         if stats.documents == 0:
             where = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-            raise LmforgeError(f"the input has no text ({stats.files} file(s), all empty: {where}); give files that contain text")
+            raise LmforgeError(f"the input has no text ({plural(stats.files, 'file')}, all empty: {where}); give files that contain text")
         train, val = files["train"], files["val"]
         val_split = "documents" if val.documents else "none"
         if val_fraction > 0 and not val.documents:

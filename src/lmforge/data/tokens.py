@@ -9,6 +9,7 @@ id fits (vocab_size <= 65,536, GPT-2's 50,257 included), else `uint32`, little-e
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -102,6 +103,17 @@ class TokenData:
                 f"{self.tokenizer_fingerprint[:12]}; re-run `lmforge data prepare` with the tokenizer you want"
             )
         return tok
+
+    def bytes_per_token(self, split: str, tokenizer: Tokenizer, max_tokens: int = 1 << 21) -> float:
+        """Text bytes per token of `split` (from its first `max_tokens` tokens; the
+        <|endoftext|> between documents counts as a token of no text): the factor that
+        turns a loss in nats per token into bits per byte, which compares models whose
+        vocabularies differ. NaN for an empty split."""
+        ids = self.split(split)[:max_tokens]
+        if len(ids) == 0:
+            return math.nan
+        text = ids[ids != self.eot_id].tolist()
+        return len(tokenizer.decode_bytes(text)) / len(ids)
 
     def check_ids(self, vocab_size: int) -> None:
         """Every token id below `vocab_size` (a model's embedding table), checked by reading

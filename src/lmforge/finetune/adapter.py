@@ -4,11 +4,17 @@ A folder holds `adapter.safetensors` (A, B and any extra trained tensors, such a
 classification head) and `adapter_config.json` (the LoRA settings, the base it was made on
 and that base's config). `save_adapter` writes one all or nothing; `load_adapter`
 checks the base and every tensor's name and shape before it changes the model.
-Loading the base an adapter names is `lmforge.loading.load`'s job.
+
+The base is recorded so that it can be found again and recognised (`base_record`): its
+absolute path, its path relative to the adapter (which survives moving a tree that holds
+both), the training run it is a checkpoint of (whose `--keep-last` may delete it later),
+and the sha256 of its weight files, which tells the base from another model of the same
+shape wherever it is found. Finding and loading the base is `lmforge.loading`'s job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -56,8 +62,11 @@ def save_adapter(
 ) -> Path:
     """Write the adapter folder: adapter.safetensors + adapter_config.json, all or nothing.
 
-    `base` names the model the adapter belongs on (a folder, stored as an absolute path,
-    or a name); `lmforge lora merge` uses it when --base is omitted. `quantize` ("nf4")
+    `base` names the model the adapter belongs on: a folder or file (recorded as
+    `base_record` says: where it is and the sha256 of its weights; give the model folder
+    itself, as `lmforge.loading.resolve_model_path` names it, for the hash) or a name;
+    `lmforge.load_adapted` and `lmforge lora merge` find it again when no base is given
+    and refuse one with other weights. `quantize` ("nf4")
     records that the adapter was trained over a quantized base, so `load_adapted`
     rebuilds that same model. An existing adapter folder (or an empty one) is replaced;
     any other existing folder only with `overwrite`.
@@ -74,24 +83,110 @@ def save_adapter(
         )
     tensors = {k: t.to("cpu").contiguous() for k, t in adapter_state_dict(model).items()}
     lora_keys = {f"{n}.lora_{ab}" for n in have for ab in "ab"}
-    if base is not None and Path(base).exists():
-        base = str(Path(base).resolve())
+    path = Path(path)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         **cfg.to_dict(),
-        "base": None if base is None else str(base),
+        **base_record(base, path),
         "base_config": _base_config_dict(model),
         "quantize": quantize,
         "trainable": sorted(k for k in tensors if k not in lora_keys),
         "lmforge_version": __version__,
     }
-    path = Path(path)
     replace = overwrite or is_adapter_dir(path) or (path.is_dir() and not any(path.iterdir()))
     with atomic_output_dir(path, overwrite=replace) as tmp:
         (tmp / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def base_record(base: str | os.PathLike | None, adapter: str | os.PathLike) -> dict[str, Any]:
+    """What an adapter at `adapter` records about `base` to find and recognise it later.
+
+    - "base": its absolute path (or the name given, if no such path exists): what old
+      adapters record, and still the first place looked;
+    - "base_relative": its path from the adapter folder, when the two share a folder
+      below the file system's root: found again after that folder is moved or copied;
+    - "base_run": the training run, when the base is one of its checkpoints
+      (RUN/checkpoints/step-N/model), whose `--keep-last` may delete that checkpoint as the
+      run trains on: a checkpoint of it left with the same weights (the best one kept, a
+      re-save) is found by hash;
+    - "base_sha256": file name -> sha256 of each weight file (`weights_fingerprint`),
+      which is what makes a base found anywhere (or given by hand) the right one.
+    """
+    if base is None:
+        return {"base": None}
+    found = Path(base)
+    if not found.exists():
+        return {"base": str(base)}
+    found = found.resolve()
+    record: dict[str, Any] = {"base": str(found)}
+    here = Path(adapter).resolve()
+    if os.path.commonpath([found, here]) != found.anchor:
+        record["base_relative"] = Path(os.path.relpath(found, here)).as_posix()
+    if found.name == _MODEL_DIR and found.parent.parent.name == _CHECKPOINTS and (found.parent / _MANIFEST).is_file():
+        record["base_run"] = str(found.parent.parent.parent)
+    fingerprint = weights_fingerprint(found, trust_manifest=True)
+    if fingerprint:
+        record["base_sha256"] = fingerprint
+    return record
+
+
+# A checkpoint's layout (lmforge.train.checkpoint, a sibling this module may not import):
+# RUN/checkpoints/step-N/{manifest.json, model/}, the manifest listing each file's sha256.
+_CHECKPOINTS, _MANIFEST, _MODEL_DIR = "checkpoints", "manifest.json", "model"
+_hashes: dict[tuple[str, int, int], str] = {}  # (file, size, mtime) -> sha256: each file is read once per process
+
+
+def weights_fingerprint(path: str | os.PathLike, trust_manifest: bool = False) -> dict[str, str] | None:
+    """File name -> sha256 of the weights at `path`: the file itself (a llama2.c .bin), or a
+    folder's *.safetensors (ours, Hugging Face's shards, an adapter's); None when it has
+    none (a run folder: resolve it first).
+
+    With `trust_manifest`, the hashes a checkpoint's manifest lists for its model/ files
+    are taken as they are (where the sizes agree): a base that was just loaded (and so
+    verified) is not read again, and every save of a LoRA run's adapter stays cheap.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    listed = _manifest_hashes(path) if trust_manifest else {}
+    out = {}
+    for file in files:
+        entry = listed.get(file.name)
+        out[file.name] = entry[1] if entry and entry[0] == file.stat().st_size else _sha256(file)
+    return out
+
+
+def same_weights(a: dict[str, str] | None, b: dict[str, str] | None) -> bool:
+    """Whether two fingerprints are of the same weights (file names aside: a copy may be renamed)."""
+    return bool(a) and bool(b) and sorted(a.values()) == sorted(b.values())
+
+
+def _manifest_hashes(model_dir: Path) -> dict[str, tuple[int, str]]:
+    """name -> (size, sha256) of model/'s files as a checkpoint's manifest lists them ({} if it is not one)."""
+    if model_dir.name != _MODEL_DIR:
+        return {}
+    try:
+        files = json.loads((model_dir.parent / _MANIFEST).read_text(encoding="utf-8"))["files"]
+        return {name.removeprefix(f"{_MODEL_DIR}/"): (int(e["size"]), str(e["sha256"]))
+                for name, e in files.items() if name.startswith(f"{_MODEL_DIR}/")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _sha256(file: Path) -> str:
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -112,7 +207,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _check_base(meta: dict[str, Any], model: nn.Module, source: str) -> None:
+def check_base_config(meta: dict[str, Any], model: nn.Module, source: str) -> None:
+    """Refuse `model` as the base of the adapter `source` (its config `meta`) when its
+    architecture differs from the recorded base's, naming each field that differs."""
     saved, ours = meta.get("base_config"), _base_config_dict(model)
     if saved is None or ours is None:
         return
@@ -133,7 +230,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoRAConfig:
     path = Path(path)
     meta = read_adapter_config(path)
     cfg = LoRAConfig.from_adapter_config(meta)
-    _check_base(meta, model, str(path))
+    check_base_config(meta, model, str(path))
     file = path / ADAPTER_WEIGHTS
     try:
         tensors = load_file(file)

@@ -30,10 +30,11 @@ from safetensors.torch import load_file, save
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf_tokenizer import TOKENIZER_FILES, load_hf_tokenizer, read_json, write_hf_tokenizer
+from lmforge.interop.hf_tokenizer import TOKENIZER_FILES, load_hf_tokenizer, read_json, write_hf_sentencepiece, write_hf_tokenizer
 from lmforge.io import atomic_file, atomic_write_text
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.llama2c import Llama2cTokenizer
 from lmforge.weights import check_tensors, meta_state_dict, model_from_state_dict
 
 # Hugging Face's file names (HF_WEIGHTS is spelled as our `weights.WEIGHTS` but holds their names)
@@ -400,7 +401,8 @@ def expected_hf_shapes(config: Config) -> dict[str, tuple[int, ...]]:
 
 # --- loading -----------------------------------------------------------------------------
 def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    """A Hugging Face folder -> our GPT in eval mode, `.tokenizer` set when it converts exactly (else None).
+    """A Hugging Face folder -> our GPT in eval mode, `.tokenizer` set when it converts exactly
+    (byte-level BPE, or a Llama tokenizer as `export_hf` writes one), else None.
 
     `dtype` None keeps the checkpoint's (its embedding's) dtype.
     """
@@ -475,18 +477,45 @@ def _read_shards(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --- saving --------------------------------------------------------------------------------
+@dataclass
+class HfExport:
+    """What `export_hf` wrote: the folder, every file's name, and notes on what it could not
+    carry over exactly (a tokenizer with no Hugging Face form, say) for the caller to say."""
+
+    path: Path
+    files: list[str]
+    notes: list[str]
+
+
 def save_hf(
     model: GPT,
     out: str | os.PathLike,
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | Llama2cTokenizer | None = None,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
 ) -> Path:
+    """Write a folder `transformers` loads (see `export_hf`); each note on what could not be
+    written exactly is a UserWarning, since a library has no other voice."""
+    export = export_hf(model, out, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    for note in export.notes:
+        warnings.warn(note, stacklevel=2)
+    return export.path
+
+
+def export_hf(
+    model: GPT,
+    out: str | os.PathLike,
+    tokenizer: Tokenizer | Llama2cTokenizer | None = None,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+) -> HfExport:
     """Write a folder `transformers` loads: config.json, model.safetensors (or shards + index), tokenizer files.
 
-    Each file is written atomically. The tokenizer (default: `model.tokenizer`) is
-    written as vocab.json + merges.txt (GPT-2's format) and as tokenizer.json (which
-    also carries the pre-tokenizer regex) when it is our byte-level `Tokenizer`.
+    Each file is written atomically. The tokenizer (default: `model.tokenizer`): our
+    byte-level `Tokenizer` as vocab.json + merges.txt (GPT-2's format) and as
+    tokenizer.json (which also carries the pre-tokenizer regex) when it has an exact
+    spelling there; llama2.c's as a Llama tokenizer.json (BPE with byte fallback). The
+    result lists the files written and, rather than warning, what was not exact.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -497,14 +526,20 @@ def save_hf(
     written = _write_weights(out, tensors, max_shard_bytes)
     hf_config = config_to_hf(config) | {"dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    notes: list[str] = []
     if isinstance(tokenizer, Tokenizer):
         hf_config |= {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
-        written += write_hf_tokenizer(out, tokenizer, config.context_length)
+        files, notes = write_hf_tokenizer(out, tokenizer, config.context_length)
+        written += files
+    elif isinstance(tokenizer, Llama2cTokenizer):
+        hf_config |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        files, notes = write_hf_sentencepiece(out, tokenizer, config.context_length)
+        written += files
     elif tokenizer is not None:
-        warnings.warn(f"{type(tokenizer).__name__} has no Hugging Face form here; no tokenizer files written", stacklevel=2)
+        notes = [f"{type(tokenizer).__name__} has no Hugging Face form here; no tokenizer files written"]
     atomic_write_text(out / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
     _remove_stale(out, written)
-    return out
+    return HfExport(out, [*written, HF_CONFIG], notes)
 
 
 def _write_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[str]:

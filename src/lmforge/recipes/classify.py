@@ -4,7 +4,8 @@ A head on the last real token's hidden state (`GPT.score`, padding-aware) reads 
 whole text, since under causal attention only the last token has seen all of it. The
 labelled file is balanced by undersampling and split 70/10/20 (`lmforge.data.labeled`),
 the loop, checkpoints and metrics are the trainer's, and loss and accuracy are measured
-on every split before and after training into `metrics.json`.
+on every split before and after training into `metrics.json` (on at most --eval-examples
+of each split: a pass over every example costs more than a short run's training).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.recipes.common import distributed_run, example_length, load_base, set_trainable, train_on_splits, write_metrics
 from lmforge.recipes.config import FinetuneConfig
+from lmforge.text import plural
 
 EVAL_BATCH = 32
 
@@ -37,7 +39,7 @@ def as_inputs(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[d
 
 @torch.no_grad()
 def evaluate(model: GPT, batches: Iterable[tuple[dict, torch.Tensor]]) -> dict[str, float]:
-    """Mean loss and accuracy over every example of a split (batches as `as_inputs` gives them)."""
+    """Mean loss and accuracy over the examples of `batches` (as `as_inputs` gives them)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -89,7 +91,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
         except LmforgeError as e:
             raise LmforgeError(f"{cfg.data}: {e}") from None
         counts = ", ".join(f"{s} {len(splits[s]):,}" for s in EXAMPLE_SPLITS)
-        say(f"data: {len(examples):,} examples, labels {labels}; balanced split: {counts}")
+        say(f"data: {plural(len(examples), 'example')}, labels {labels}; balanced split: {counts}")
         model = load_base(cfg, labels)
         tokenizer = model.tokenizer
         max_length = example_length(cfg, model)
@@ -101,12 +103,13 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             for s in EXAMPLE_SPLITS
         }
         if data["train"].truncated:
-            say(f"note: {data['train'].truncated} training texts were cut to {max_length} tokens")
+            cut = data["train"].truncated
+            say(f"note: {plural(cut, 'training text')} {'was' if cut == 1 else 'were'} cut to {max_length} tokens")
         report = set_trainable(model, cfg, say)
         say(str(report))
         run = train_on_splits(
-            model, cfg, report, info, data, measure=evaluate, summary=_summary, eval_batch=EVAL_BATCH, say=say,
-            progress=progress, inputs=as_inputs, loss_fn=classification_loss,
+            model, cfg, report, info, data, measure=evaluate, measures="the loss and accuracy", summary=_summary,
+            eval_batch=EVAL_BATCH, say=say, progress=progress, inputs=as_inputs, loss_fn=classification_loss,
             before_fit=lambda: save_split({s: splits[s] for s in EXAMPLE_SPLITS}, Path(cfg.out) / "split", labels),
         )
         before, after = run.before, run.after
@@ -117,8 +120,9 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             "labels": labels,
             "trainable": report.to_dict(),
             "steps": run.result.step,
-            "splits": {s: {"examples": after[s]["examples"], **({"before": _strip(before[s])} if before else {}),
-                           "after": _strip(after[s])} for s in EXAMPLE_SPLITS},
+            "splits": {s: {"examples": len(data[s]), "evaluated": run.evaluated[s],
+                           **({"before": _strip(before[s])} if before else {}), "after": _strip(after[s])}
+                       for s in EXAMPLE_SPLITS},
         }
         write_metrics(cfg, info, metrics)
         return ClassifyResult(Path(cfg.out), run.result.checkpoint, metrics, run.result.stopped)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lmforge.data.batches import EXAMPLE_SPLITS, EpochBatches
 from lmforge.errors import LmforgeError
@@ -34,9 +35,11 @@ from lmforge.io import LOCK_FILE, atomic_write_text, lock_folder, remove_dir
 from lmforge.loading import load, resolve_model_path
 from lmforge.model import GPT
 from lmforge.recipes.config import FinetuneConfig
+from lmforge.text import plural
+from lmforge.train.checkpoint import RUN_CONFIG, is_run_folder
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, init_distributed, shutdown
-from lmforge.train.loop import Batch, LossFn, Trainer, TrainResult
+from lmforge.train.loop import Batch, LossFn, Trainer, TrainResult, ValMetrics
 from lmforge.train.loss import next_token_loss
 from lmforge.weights import carry_trunk
 
@@ -103,7 +106,7 @@ def set_trainable(model: GPT, cfg: FinetuneConfig, say: Callable[[str], None] = 
                 learn.append(model.lm_head)  # a tied head is the embedding table, which stays frozen
             for module in learn:
                 module.requires_grad_(True)
-            how = f"the last {blocks} block(s), the final norm and the head" if blocks else "the final norm and the head"
+            how = f"the last {plural(blocks, 'block')}, the final norm and the head" if blocks else "the final norm and the head"
     trainable, total = count_parameters(model)
     if not trainable:
         raise LmforgeError("nothing to train: every weight is frozen")
@@ -151,6 +154,36 @@ def distributed_run(cfg: TrainConfig, say: Callable[[str], None]) -> Iterator[tu
         shutdown(info)
 
 
+def eval_rows(n: int, limit: int) -> list[int]:
+    """Which of a split's `n` examples the before/after measures read: every one when
+    `limit` is 0 or covers the split, else `limit` of them spread evenly over it (the
+    same ones before and after, whatever the seed). A measure over every example of a
+    big training split takes longer than a short run's training itself."""
+    if limit <= 0 or limit >= n:
+        return list(range(n))
+    return [i * n // limit for i in range(limit)]
+
+
+def describe_sample(counts: dict[str, tuple[int, int]], limit: int) -> str:
+    """"200 of 935 train examples, 55 val examples, 110 test examples" from {split: (measured,
+    of)}, with how to change it when a split is cut."""
+    parts = [plural(n, f"{s} example") if k == n else f"{k:,} of {plural(n, f'{s} example')}"
+             for s, (k, n) in counts.items()]
+    if any(k < n for k, n in counts.values()):
+        parts[-1] += f" (at most {limit:,} per split: --eval-examples N changes it, 0 measures every example)"
+    return ", ".join(parts)
+
+
+def eval_stream(data: EpochBatches, rows: list[int], batch: int, bar: Any = None) -> Iterator[Any]:
+    """The batches of `rows` of `data`, in order, `batch` rows each (the last possibly
+    fewer); `bar` (a tqdm) counts the examples."""
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        yield data.collate(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+
+
 @dataclass
 class SplitsRun:
     """A fine-tuning run measured on every split before and after training."""
@@ -159,6 +192,7 @@ class SplitsRun:
     result: TrainResult
     before: dict[str, dict] | None  # None when resumed (the "before" was measured by the first run)
     after: dict[str, dict]
+    evaluated: dict[str, int]  # examples of each split the before/after measures read (--eval-examples)
 
 
 def train_on_splits(
@@ -169,6 +203,7 @@ def train_on_splits(
     data: dict[str, EpochBatches],
     *,
     measure: Callable[[GPT, Iterable[Batch]], dict],
+    measures: str,
     summary: Callable[[dict[str, dict]], str],
     eval_batch: int,
     say: Callable[[str], None],
@@ -176,38 +211,52 @@ def train_on_splits(
     inputs: Callable[[Any], Batch] = lambda b: b,
     loss_fn: LossFn = next_token_loss,
     before_fit: Callable[[], None] | None = None,
+    val_metrics: ValMetrics | None = None,
 ) -> SplitsRun:
     """What every fine-tuning recipe does around the one `Trainer`: steps from --epochs,
     `measure` on each split of `data` (in batches of `eval_batch` rows) before (unless
     resuming) and after, this rank's rows
     of each global training batch (`inputs` turns a batch into the loss's (x, y)), the run
-    folder and `run.json`, and adapter-only checkpoints for a LoRA run."""
+    folder and `run.json`, and adapter-only checkpoints for a LoRA run.
+
+    The before/after measures read at most --eval-examples of each split (`eval_rows`),
+    saying so first (`measures` names what is measured, e.g. "the response loss"), with a
+    progress bar per split when `progress`. `val_metrics` is what the trainer's
+    validation loss also means (a perplexity), None when it means nothing more."""
     cfg = dataclasses.replace(cfg, max_steps=epoch_steps(cfg, data["train"].steps_per_epoch))
     model.to(info.device)
+    rows = {s: eval_rows(len(data[s]), cfg.eval_examples) for s in EXAMPLE_SPLITS}
+    sample = describe_sample({s: (len(rows[s]), len(data[s])) for s in EXAMPLE_SPLITS}, cfg.eval_examples)
 
-    def measure_all() -> dict[str, dict]:
-        return {s: measure(model, map(inputs, data[s].iter_eval(eval_batch))) for s in EXAMPLE_SPLITS}
+    def measure_all(when: str) -> dict[str, dict]:
+        say(f"{when} training: measuring {measures} on {sample}")
+        out = {}
+        for s in EXAMPLE_SPLITS:
+            with tqdm(total=len(rows[s]), desc=f"{when}: {s}", unit="example", leave=False,
+                      disable=not (progress and info.is_main)) as bar:
+                out[s] = measure(model, map(inputs, eval_stream(data[s], rows[s], eval_batch, bar)))
+        return out
 
-    before = None if cfg.resume else measure_all()
+    before = None if cfg.resume else measure_all("before")
     if before:
         say("before: " + summary(before))
-    rows = rank_rows(cfg, info)
+    mine = rank_rows(cfg, info)
 
     def batch(draw: int, micro: int) -> Batch:
-        return _rows(inputs(data["train"].batch(draw * cfg.grad_accum + micro)), rows)
+        return _rows(inputs(data["train"].batch(draw * cfg.grad_accum + micro)), mine)
 
     def eval_batches() -> Iterable[Batch]:
         return map(inputs, itertools.islice(data["val"].iter_eval(eval_batch), cfg.eval_batches or None))
 
-    trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=model.tokenizer,
-                      loss_fn=loss_fn, say=say, progress=progress, **checkpoint_hooks(model, cfg, report))
+    trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=model.tokenizer, loss_fn=loss_fn,
+                      say=say, progress=progress, val_metrics=val_metrics, **checkpoint_hooks(model, cfg, report))
     start_run(cfg, info, say)
     if before_fit is not None and info.is_main:
         before_fit()
     result = trainer.fit()
-    after = measure_all()
+    after = measure_all("after")
     say("after:  " + summary(after))
-    return SplitsRun(cfg, result, before, after)
+    return SplitsRun(cfg, result, before, after, {s: len(rows[s]) for s in EXAMPLE_SPLITS})
 
 
 def _rows(batch: Any, rows: slice) -> Any:
@@ -241,7 +290,7 @@ def start_run(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = pri
             remove_dir(path)
     out.mkdir(parents=True, exist_ok=True)
     # --overwrite is a one-off: `--config OUT/run.json --resume` must continue this run, not remove it
-    atomic_write_text(out / "run.json", json.dumps(dataclasses.replace(cfg, overwrite=False).to_dict(), indent=2) + "\n")
+    atomic_write_text(out / RUN_CONFIG, json.dumps(dataclasses.replace(cfg, overwrite=False).to_dict(), indent=2) + "\n")
 
 
 RUN_FOLDER_IN_USE = "wait for it to finish (or stop it) before writing there, or choose another --out"
@@ -257,12 +306,6 @@ def own_run_folder(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
         return
     with lock_folder(cfg.out, what="run folder", fix=RUN_FOLDER_IN_USE):
         yield
-
-
-def is_run_folder(path: str | Path) -> bool:
-    """Whether `path` holds a training run: its `run.json` or its checkpoints/."""
-    path = Path(path)
-    return (path / "run.json").is_file() or (path / "checkpoints").is_dir()
 
 
 def folder_entries(path: str | Path) -> list[Path]:

@@ -28,23 +28,25 @@ class FinetuneConfig(TrainConfig):
     data: str = ""  # the task's file: SMS spam collection / CSV / JSONL (classify), Alpaca or chat JSON / JSONL (instruct)
     base: str = ""  # model folder, training run, Hugging Face folder or llama2.c .bin to start from
     from_scratch: bool = False  # the base's shape and tokenizer, fresh random weights (the baseline)
-    out: str = "runs/finetune"
-    # training defaults of the book's fine-tuning chapters: small lr, short warmup, a few epochs
+    out: str = "runs/finetune"  # run folder: checkpoints/, metrics.json, metrics.jsonl, loss.png; responses.jsonl (instruct)
+    # training defaults of the book's fine-tuning chapters: small lr, short warm-up, a few epochs
     lr: float = 5e-5
     min_lr: float = 5e-6
-    warmup_steps: int = 10
-    batch_size: int = 8
+    batch_size: int = 8  # examples per micro-batch per process (padded to the longest in the batch)
+    max_steps: int = 0  # optimizer steps; 0: --epochs passes over the training split
+    time_limit: float = 0.0  # seconds; stop early (with a checkpoint) when reached; 0: none
     epochs: float = 0.0  # passes over the training split when --max-steps is 0
-    eval_every: int = 50
-    save_every: int = 0
-    eval_batches: int = 0  # 0: the whole validation split
-    sample_prompts: list[str] = field(default_factory=list)
+    eval_every: int = 50  # steps between validation-loss checks during training; 0: only at the end
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    eval_batches: int = 0  # batches of the validation split read by each check during training; 0: all of it
+    eval_examples: int = 200  # examples per split measured before and after training, and test prompts answered; 0: all
+    sample_prompts: list[str] = field(default_factory=list)  # texts continued at each validation check, as is (no template)
     # which weights learn
     trainable: str = "all"  # all | last-N (the last N blocks, the final norm and the head) | head
     lora_r: int = 0  # adapter rank; 0: no LoRA
     lora_alpha: float = 16.0  # adapter scale alpha / r
     lora_dropout: float = 0.0  # dropout on the adapters' input
-    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down, or all-linear
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o (default), gate up down, all-linear
     lora_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (also --rslora)
     quantize: str = ""  # "nf4": the frozen base in 4 bits (QLoRA; needs --lora-r)
     # how examples become tokens
@@ -56,10 +58,13 @@ class FinetuneConfig(TrainConfig):
     template: str = "auto"  # instruction tuning: alpaca | chat | auto (from the data)
 
     def validate(self) -> None:
+        if self.eval_examples < 0:
+            raise LmforgeError(f"--eval-examples must be a number of examples >= 0 (0: every example), got {self.eval_examples}")
         if not math.isfinite(self.epochs) or self.epochs < 0:
             raise LmforgeError(f"--epochs must be a finite number of passes >= 0, got {self.epochs}")
-        if self.max_steps == 0 and self.max_tokens == 0 and self.epochs <= 0 and self.time_limit <= 0:
-            raise LmforgeError("say how long to train: --epochs N, --max-steps N or --time-limit SECONDS")
+        if self.max_steps == 0 and self.epochs <= 0:  # a time limit (or a token budget) alone made a 1-step run
+            raise LmforgeError("say how long to train: --epochs N or --max-steps N"
+                               + (" (--time-limit only stops a run early)" if self.time_limit > 0 else ""))
         # with --epochs the recipe sets max_steps once it has counted the examples
         TrainConfig.validate(dataclasses.replace(self, max_steps=self.max_steps or 1))
         if not self.base:

@@ -6,25 +6,37 @@ taken on the responses only (the prompt's labels are -100), with <|endoftext|> l
 once at the end of each. The template's name is saved in the tokenizer
 (`tokenizer.chat_template`), so `lmforge chat` and `lmforge generate --chat` talk to the
 model in the format it learned. After training the held-out prompts are answered
-(greedy) into `responses.jsonl`.
+(greedy) into `responses.jsonl`: at most --eval-examples of them, spread over the test
+split, as the before/after response losses read at most that many examples per split.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lmforge.data.batches import EXAMPLE_SPLITS
 from lmforge.data.instruct import IGNORE_INDEX, InstructionBatches, book_split, read_instructions
 from lmforge.engine import Engine, SamplingParams, end_of_text_ids
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT
-from lmforge.recipes.common import distributed_run, example_length, load_base, set_trainable, train_on_splits, write_metrics
+from lmforge.recipes.common import (
+    distributed_run,
+    eval_rows,
+    example_length,
+    load_base,
+    set_trainable,
+    train_on_splits,
+    write_metrics,
+)
 from lmforge.recipes.config import FinetuneConfig
+from lmforge.text import plural
 from lmforge.tokenizer.templates import template_named
 from lmforge.train.loss import next_token_loss
 
@@ -53,8 +65,10 @@ def choose_template(cfg: FinetuneConfig, items: list[dict]) -> str:
 
 
 @torch.no_grad()
-def answer(model: GPT, items: list[dict], template_name: str, max_new_tokens: int = RESPONSE_TOKENS, batch: int = 8) -> list[dict]:
-    """Greedy responses to each item's prompt (everything before its last reply)."""
+def answer(model: GPT, items: list[dict], template_name: str, max_new_tokens: int = RESPONSE_TOKENS, batch: int = 8,
+           progress: bool = False) -> list[dict]:
+    """Greedy responses to each item's prompt (everything before its last reply); with
+    `progress`, a bar counts the answers (up to 256 tokens each: minutes on a CPU)."""
     template = template_named(template_name)
     tok = model.tokenizer
     engine = Engine(model, tok, relayout=False, prefetch=False)  # the weights stay as training left them
@@ -64,6 +78,7 @@ def answer(model: GPT, items: list[dict], template_name: str, max_new_tokens: in
         segments = template.item_segments(item)
         prompts.append("".join(p + r for p, r in segments[:-1]) + segments[-1][0])
     out: list[dict] = []
+    bar = tqdm(total=len(items), desc="answers", unit="answer", leave=False, disable=not progress)
     for start in range(0, len(items), batch):
         chunk = [tok.encode(p) for p in prompts[start : start + batch]]
         fits = [ids for ids in chunk if len(ids) < context]
@@ -77,6 +92,8 @@ def answer(model: GPT, items: list[dict], template_name: str, max_new_tokens: in
             if completion is None:
                 record["note"] = f"the prompt ({len(ids)} tokens) leaves no room in the context ({context})"
             out.append(record)
+        bar.update(len(chunk))
+    bar.close()
     model.train()
     return out
 
@@ -95,7 +112,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
         items = read_instructions(cfg.data)
         splits = book_split(items)
         name = choose_template(cfg, items)
-        say(f"data: {len(items):,} examples ({name} template); split in order: "
+        say(f"data: {plural(len(items), 'example')} ({name} template); split in order: "
             + ", ".join(f"{s} {len(splits[s]):,}" for s in EXAMPLE_SPLITS))
         model = load_base(cfg)
         tokenizer = model.tokenizer
@@ -109,15 +126,21 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
         }
         for s in EXAMPLE_SPLITS:
             if data[s].dropped:
-                say(f"note: {len(data[s].dropped)} {s} examples have no response left within {max_length} tokens and are left out")
+                say(f"note: {plural(len(data[s].dropped), f'{s} example')} with no response left within {max_length} tokens "
+                    f"{'is' if len(data[s].dropped) == 1 else 'are'} left out")
         report = set_trainable(model, cfg, say)
         say(str(report))
-        run = train_on_splits(model, cfg, report, info, data, measure=response_loss, summary=_summary, eval_batch=EVAL_BATCH,
-                              say=say, progress=progress)
+        run = train_on_splits(model, cfg, report, info, data, measure=response_loss, measures="the response loss",
+                              summary=_summary, eval_batch=EVAL_BATCH, say=say, progress=progress, val_metrics=_perplexity)
         responses = Path(cfg.out) / "responses.jsonl"
+        test = splits["test"]
+        asked = [test[i] for i in eval_rows(len(test), cfg.eval_examples)]
         if info.is_main:
-            say(f"answering the {len(splits['test'])} held-out prompts (greedy) into {responses}")
-            lines = [json.dumps(r, ensure_ascii=False) for r in answer(model, splits["test"], name)]
+            which = plural(len(test), "test example")
+            if len(asked) < len(test):
+                which = f"{len(asked):,} of {which} (--eval-examples N changes how many; 0 answers every one)"
+            say(f"writing greedy answers for {which} to {responses}")
+            lines = [json.dumps(r, ensure_ascii=False) for r in answer(model, asked, name, progress=progress)]
             atomic_write_text(responses, "\n".join(lines) + "\n")
         metrics = {
             "task": "instruct",
@@ -126,11 +149,17 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             "mask_prompt": cfg.mask_prompt,
             "trainable": report.to_dict(),
             "steps": run.result.step,
-            "splits": {s: {"examples": len(data[s]), **({"before": run.before[s]} if run.before else {}), "after": run.after[s]}
-                       for s in EXAMPLE_SPLITS},
+            "splits": {s: {"examples": len(data[s]), "evaluated": run.evaluated[s],
+                           **({"before": run.before[s]} if run.before else {}), "after": run.after[s]} for s in EXAMPLE_SPLITS},
+            "responses": len(asked),
         }
         write_metrics(cfg, info, metrics)
         return InstructResult(Path(cfg.out), run.result.checkpoint, metrics, responses, run.result.stopped)
+
+
+def _perplexity(loss: float) -> dict[str, float]:
+    """What the trainer's validation loss also means here: the perplexity per response token."""
+    return {"ppl": math.exp(min(loss, 50.0))}
 
 
 def _summary(m: dict) -> str:

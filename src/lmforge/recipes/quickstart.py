@@ -1,9 +1,9 @@
 """The quickstart recipe: the whole pipeline in one call, text -> tokenizer -> token files -> a trained model.
 
 It wires the tokenizer trainer, the data preparation and the pretraining recipe, and
-sizes the run to a time budget: the cosine schedule needs its length up front, so a
-few training steps are timed on this machine first (the time limit still stops a run
-that turns out slower).
+sizes the run by time: the pretraining is given a time limit alone, so the trainer
+re-estimates its step count from its measured pace as it goes and the cosine schedule
+ends on time on a fast machine or a loaded one.
 
 It writes tokenizer/, data/ and model/ into its folder and nothing else: an existing one
 is replaced only with `overwrite`, only when it is recognisably a quickstart's own (a
@@ -12,7 +12,6 @@ tokenizer folder, a prepared data folder, a run folder) and never when it holds 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -21,37 +20,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from lmforge.config import Config
 from lmforge.corpus import ReadStats, corpus_paths, iter_documents
 from lmforge.data.prepare import prepare
 from lmforge.data.tokens import FORMAT as TOKENS_FORMAT
-from lmforge.data.tokens import META_FILE, TokenData
-from lmforge.device import available_memory
+from lmforge.data.tokens import META_FILE
 from lmforge.errors import LmforgeError
-from lmforge.estimate import check_training_fits
 from lmforge.io import lock_folder
-from lmforge.model import GPT
-from lmforge.recipes.common import RUN_FOLDER_IN_USE, folder_entries, inside, is_run_folder
-from lmforge.recipes.pretrain import model_config
+from lmforge.recipes.common import RUN_FOLDER_IN_USE, folder_entries, inside
 from lmforge.recipes.pretrain import run as pretrain
 from lmforge.tokenizer.tokenizer import FORMAT as TOKENIZER_FORMAT
 from lmforge.tokenizer.tokenizer import TOKENIZER_FILE
 from lmforge.tokenizer.train import train_bpe
+from lmforge.train.checkpoint import is_run_folder
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult
-from lmforge.train.loss import next_token_loss
-from lmforge.train.optim import build_optimizer
 
 SAMPLE = "The quick brown fox jumps over the lazy dog."
+PYTHON_PROMPTS = ["def ", "class Parser(", "import ", "    if "]
 
 
 @dataclass
 class QuickstartConfig:
     out: str = "runs/quickstart"  # folder for everything it makes
     minutes: float = 6.0  # training time budget
-    vocab_size: int = 4096  # BPE vocabulary size
-    preset: str = "micro"  # model preset, Llama family by default
+    # chosen by measurement (benchmarks/bench_quickstart.py): the lowest validation bits per
+    # byte on the built-in corpus in 6 minutes on 2 CPU cores
+    vocab_size: int = 2048  # BPE vocabulary size
+    preset: str = "tiny"  # model preset, Llama family by default
     inputs: Sequence[str] = ()  # text files or folders; empty: the built-in corpus
     text_field: str = "text"  # the text's field in .jsonl inputs
     workers: int | None = None  # processes / threads for the tokenizer and the data; None: all cores
@@ -77,6 +73,19 @@ def run(cfg: QuickstartConfig, say: Callable[[str], None] = print, progress: boo
 
 
 PRODUCTS = ("tokenizer", "data", "model")
+
+
+def train_config(cfg: QuickstartConfig, data: str | os.PathLike, out: str | os.PathLike, replace: bool) -> TrainConfig:
+    """The pretraining run of a quickstart: its time limit alone sets its length (the
+    trainer fits the step count to it), evaluating and sampling every 100 steps. Context,
+    batch and learning rate are the measured best with the default model
+    (benchmarks/bench_quickstart.py)."""
+    return TrainConfig(
+        data=str(data), out=str(out), preset=cfg.preset, context_length=128, batch_size=32,
+        lr=4e-3, min_lr=4e-4, eval_every=100, eval_batches=20, save_every=100, log_every=10,
+        sample_prompts=["The ", "I had"] if cfg.inputs else PYTHON_PROMPTS, sample_tokens=64,
+        time_limit=cfg.minutes * 60, overwrite=replace,
+    )
 
 
 def claim_folders(out: Path, inputs: Sequence[str | Path], overwrite: bool) -> list[Path]:
@@ -152,33 +161,53 @@ def _run(cfg: QuickstartConfig, out: Path, paths: list[Path], notes: list[str], 
     say(f"      {data.num_tokens('train'):,} training and {data.num_tokens('val'):,} validation tokens in {out / 'data'} "
         f"({time.monotonic() - started:.0f} s)\n")
 
-    say(f"[3/3] Pretraining: a {cfg.preset} model (Llama family: RMSNorm, SwiGLU, RoPE, grouped-query attention)")
-    say(f"      learns to predict the next token for {cfg.minutes:g} minutes; the loss is cross-entropy in nats")
-    say(f"      (lower is better; ln(vocabulary) = {math.log(tokenizer.vocab_size):.1f} is chance)")
-    train = TrainConfig(
-        data=str(out / "data"), out=str(out / "model"), preset=cfg.preset, context_length=256, batch_size=16,
-        lr=2e-3, min_lr=2e-4, warmup_steps=30, eval_every=50, eval_batches=10, save_every=50, log_every=5,
-        sample_prompts=["The ", "I had"] if cfg.inputs else ["def ", "class Parser(", "import "], sample_tokens=40,
-        time_limit=cfg.minutes * 60, overwrite=any(p.name == "model" for p in replaced),
-    )
-    train = dataclasses.replace(train, max_steps=steps_within(train, cfg.minutes * 60))
+    family = ("Llama family: RMSNorm, SwiGLU, RoPE, grouped-query attention" if Config.from_name(cfg.preset).positions == "rope"
+              else "GPT-2 family: LayerNorm, GELU, learned positions")
+    say(f"[3/3] Pretraining: a {cfg.preset} model ({family})")
+    say(f"      learns to predict the next token for {cfg.minutes:g} minutes; the loss is cross-entropy in nats per token")
+    say(f"      (lower is better; ln(vocabulary) = {math.log(tokenizer.vocab_size):.1f} is chance), and bits per byte is the same")
+    say("      loss per byte of text (nats / ln 2 / bytes per token), which compares models whatever their vocabulary")
+    train = train_config(cfg, out / "data", out / "model", replace=any(p.name == "model" for p in replaced))
     return pretrain(train, say=lambda m: say("      " + m), progress=progress)
 
 
-def steps_within(cfg: TrainConfig, seconds: float) -> int:
-    """How many optimizer steps of `cfg` fit in `seconds` on this machine, from timing a few."""
-    data = TokenData.open(cfg.data)
-    config = model_config(cfg, data.vocab_size)
-    check_training_fits(config, cfg.batch_size, config.context_length, False, available_memory(torch.device("cpu")))
-    model = GPT(config)
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    x = torch.randint(0, data.vocab_size, (cfg.batch_size, model.config.context_length))
-    times = []
-    for _ in range(4):
-        t = time.perf_counter()
-        next_token_loss(model, x, x).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    per_step = min(times[1:]) * 1.08  # evaluation and sampling take a few percent more
-    return max(10, int(seconds / per_step))
+@dataclass
+class PythonShape:
+    """How much of Python's shape samples show, line by line (a sample's last line is cut
+    by the token limit, so only complete lines count)."""
+
+    lines: int  # complete lines
+    balanced: int  # lines whose (), [] and {} balance
+    indented: int  # indented lines
+    indented_by_4: int  # ... whose indentation is a multiple of 4 spaces
+    def_class: int  # lines that start a def or a class
+
+    def summary(self) -> str:
+        if not self.lines:
+            return "no complete line to judge yet"
+        by_4 = f"{self.indented_by_4} of {self.indented} indented lines indent by multiples of 4 spaces, " if self.indented else ""
+        return (f"{self.balanced} of {self.lines} lines balance their brackets, {by_4}"
+                f"{self.def_class} line{'s' if self.def_class != 1 else ''} start a def or a class")
+
+
+def python_shape(samples: Sequence[str]) -> PythonShape:
+    """Count the signs that a model writes Python, for the quickstart's last word."""
+    lines = [line for text in samples for line in text.split("\n")[:-1] if line.strip()]
+    indented = [line for line in lines if line[0] == " "]
+    return PythonShape(
+        lines=len(lines),
+        balanced=sum(_balanced(line) for line in lines),
+        indented=len(indented),
+        indented_by_4=sum((len(line) - len(line.lstrip(" "))) % 4 == 0 for line in indented),
+        def_class=sum(line.lstrip().startswith(("def ", "class ", "async def ")) for line in lines),
+    )
+
+
+def _balanced(line: str) -> bool:
+    pairs, stack = {")": "(", "]": "[", "}": "{"}, []
+    for ch in line:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+            return False
+    return not stack

@@ -246,3 +246,14 @@ def template_for(tokenizer: object | None) -> Template:
     else `PlainTranscript` for a base model."""
     name = getattr(tokenizer, "chat_template", None)
     return template_named(name) if name else PlainTranscript()
+
+
+def template_note(tokenizer: object | None, model: str) -> str | None:
+    """What to tell a user who chats with `model` when it has no chat template: the reply
+    then comes from a plain transcript, which a base model merely continues, and a silent
+    fallback reads as if the model had been tuned to answer. None when the tokenizer names
+    the template the model was instruction-tuned with."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    return (f"note: {model} has no chat template (it was not instruction-tuned with `lmforge finetune instruct`); "
+            "using the plain transcript a base model can continue (\"User: ...\" / \"Assistant:\")")

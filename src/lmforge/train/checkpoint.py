@@ -60,6 +60,7 @@ MODEL_DIR = "model"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
+RUN_CONFIG = "run.json"  # what every recipe writes first into its run folder (recipes.common.start_run)
 TRAINER_JSON = "trainer.json"
 FORMAT = "lmforge.checkpoint"
 FORMAT_VERSION = 1
@@ -510,8 +511,17 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
 
 
 def is_checkpoint_folder(path: Path) -> bool:
-    """A checkpoint folder (intact or not), as opposed to a run folder."""
-    return path.is_dir() and ((path / MANIFEST).is_file() or (path / MODEL_DIR).is_dir() or bool(_STEP_DIR.fullmatch(path.name)))
+    """A checkpoint folder (intact or not), as opposed to a run folder: it has a manifest
+    or trainer state, or is a step-N folder of a run (a folder holding model/ alone is not
+    one: a quickstart's folder is like that)."""
+    return path.is_dir() and ((path / MANIFEST).is_file() or (path / TRAINER_JSON).is_file() or bool(_STEP_DIR.fullmatch(path.name)))
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a training run: the `run.json` every recipe writes first, or
+    its checkpoints/."""
+    path = Path(path)
+    return (path / RUN_CONFIG).is_file() or (path / CHECKPOINTS).is_dir()
 
 
 def find_resumable(path: str | os.PathLike, say: Callable[[str], object] = print) -> Path | None:

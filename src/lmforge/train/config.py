@@ -38,27 +38,28 @@ class TrainConfig:
     context_length: int = 0  # 0: the preset's
     batch_size: int = 8  # windows per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 0  # optimizer steps; 0: from max_tokens
+    max_steps: int = 0  # optimizer steps; 0: from max_tokens, or from time_limit alone
     max_tokens: int = 0  # token budget (all processes) when max_steps is 0
-    time_limit: float = 0.0  # seconds; stop early (with a checkpoint) when reached; 0: none
+    time_limit: float = 0.0  # seconds; with max_steps/max_tokens: stop early (with a checkpoint); alone: the run's length
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # cosine floor
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # not on norms, biases and embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 0  # linear warm-up steps; 0: --warmup-fraction of the run's steps
+    warmup_fraction: float = 0.05  # warm-up as a share of the run's steps, when --warmup-steps is 0
+    weight_decay: float = 0.1  # AdamW weight decay (not on norms, biases and embeddings)
+    beta1: float = 0.9  # AdamW's momentum (first-moment) decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0: off
     dtype: str = "auto"  # auto (bf16 autocast where the device has it, else fp32) | fp32 | bf16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps
     compile: bool = False  # torch.compile the model
-    seed: int = 1337
+    seed: int = 1337  # random seed: the weights a run creates, the batch order, dropout
     eval_every: int = 100  # steps; 0: only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation batches per evaluation
     save_every: int = 100  # steps; 0: only at the end
     keep_last: int = 3  # checkpoints kept besides the best by validation loss; 0: all
-    log_every: int = 10
-    sample_prompts: list[str] = field(default_factory=lambda: ["The ", "Once upon a time"])
-    sample_tokens: int = 48
+    log_every: int = 10  # steps between training-loss records in metrics.jsonl
+    sample_prompts: list[str] = field(default_factory=lambda: ["The ", "Once upon a time"])  # continued at each evaluation
+    sample_tokens: int = 48  # tokens generated per sample prompt
     max_bad_steps: int = 10  # consecutive non-finite steps before training stops
     resume: str = ""  # "latest" (newest intact checkpoint in out) or a checkpoint folder
     overwrite: bool = False  # replace an existing run folder in --out (it is removed first)
@@ -80,6 +81,8 @@ class TrainConfig:
                      "save_every", "keep_last", "log_every", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise LmforgeError(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.warmup_fraction < 1:  # NaN fails too
+            raise LmforgeError(f"--warmup-fraction must be in [0, 1) (a share of the run's steps, e.g. 0.05), got {self.warmup_fraction}")
         if not 0 <= self.time_limit <= math.inf:  # NaN fails too
             raise LmforgeError(f"--time-limit must be a number of seconds >= 0 (0: none), got {self.time_limit}")
         if self.max_steps == 0 and self.max_tokens == 0 and self.time_limit <= 0:
@@ -106,6 +109,20 @@ class TrainConfig:
             raise LmforgeError("--out must name a folder for the run")
         check_fields(Config, self.model, "[model] / --set (the preset's overrides)", key="model field")
         self.check_model()
+
+    @property
+    def sized_by_time(self) -> bool:
+        """Whether the time limit alone sets the run's length: the trainer then re-estimates
+        the step count from the measured speed as it goes, so the cosine ends on time."""
+        return self.max_steps == 0 and self.max_tokens == 0 and self.time_limit > 0
+
+    def warmup_for(self, max_steps: int) -> int:
+        """Warm-up steps for a run of `max_steps`: `warmup_steps` when set (never more
+        than the run: a warm-up the run never finishes leaves the learning rate below
+        --lr throughout), else `warmup_fraction` of the steps."""
+        if self.warmup_steps:
+            return min(self.warmup_steps, max_steps)
+        return round(self.warmup_fraction * max_steps)
 
     def check_model(self) -> Config:
         """The preset with the run's overrides builds (its vocabulary is the data's later):

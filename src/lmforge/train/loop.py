@@ -15,6 +15,7 @@ CPU, same thread count).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -45,13 +46,17 @@ from lmforge.train.checkpoint import (
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_mean, barrier, full_state, load_full_state, no_sync, unwrap, wrap_model
 from lmforge.train.loss import next_token_loss
-from lmforge.train.metrics import MetricsLog
+from lmforge.train.metrics import LOSS_PLOT, METRICS, MetricsLog, read_metrics
 from lmforge.train.optim import build_optimizer, lr_at
 
 # (inputs, targets): inputs are the ids (B, T) or a dict of tensors with "input_ids"
 # (e.g. with an "attention_mask"); the loss function knows what its batches hold
 Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor]
+# what a validation loss also means for a recipe, by name (e.g. {"ppl": ..., "bpb": ...})
+ValMetrics = Callable[[float], dict[str, float]]
+METRIC_NAMES = {"ppl": "perplexity", "bpb": "bits per byte"}
+PROGRESS_EVERY = 30.0  # seconds between progress lines when there is no progress bar (logs, CI, nohup)
 
 
 @dataclass
@@ -64,6 +69,7 @@ class TrainResult:
     metrics: Path
     plot: Path | None
     samples: list[str] = field(default_factory=list)
+    val_metrics: dict[str, float] = field(default_factory=dict)  # what the last validation loss also means (`ValMetrics`)
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -144,10 +150,19 @@ class Trainer:
         progress: bool = True,
         write_model: Callable[[Path], object] | None = None,
         read_model: Callable[[Path], object] | None = None,
+        val_metrics: ValMetrics | None = None,
+        fit_to_time: bool = False,
     ) -> None:
         """`write_model(folder)` / `read_model(folder)` replace the full weights in each
         checkpoint's model folder: a run that trains adapters over a frozen base saves
-        and restores only those (`lmforge.finetune`)."""
+        and restores only those (`lmforge.finetune`). `val_metrics(loss)` names what a
+        validation loss also means (perplexity, bits per byte), logged and printed beside it.
+
+        `fit_to_time`: `cfg.max_steps` is only a first estimate and `cfg.time_limit` the
+        run's length; the step count is re-estimated from the measured pace as the run
+        goes (`_fit_to_time`), so the cosine ends on time however loaded the machine is.
+        Such a run's schedule depends on its speed, so it is not bit-reproducible; a
+        resumed one finishes the steps its checkpoint planned."""
         cfg.validate()
         if (write_model is None) != (read_model is None):
             raise LmforgeError("give the trainer both write_model and read_model, or neither")
@@ -157,7 +172,9 @@ class Trainer:
         if cfg.max_steps <= 0:
             raise LmforgeError("the trainer needs cfg.max_steps; the recipe derives it from --max-tokens")
         self.cfg, self.info, self.tokenizer = cfg, info, tokenizer
-        self.batch, self.eval_batches, self.loss_fn = batch, eval_batches, loss_fn
+        self.batch, self.eval_batches, self.loss_fn, self.val_metrics = batch, eval_batches, loss_fn, val_metrics
+        self.max_steps, self.fit_to_time = cfg.max_steps, fit_to_time
+        self._warmup_warned = False
         self.say = info.main_only(say)
         self.progress = progress and info.is_main
         self.out = Path(cfg.out)
@@ -176,6 +193,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_val: tuple[int, float] | None = None
         self.samples: list[str] = []
+        self.last_val_metrics: dict[str, float] = {}
+        self._eval_seconds = 0.0  # how long the last evaluation (with samples) took: the end's reserve
+        if fit_to_time and info.enabled:  # every rank plans rank 0's estimate
+            self.max_steps = _from_rank0(self.max_steps, self.device)
+        self._warn_long_warmup()
         # --resume is checked now, before the recipe writes anything: a checkpoint of another
         # model or tokenizer is refused while the run folder is still as it was
         self._resume_from = self.check_resumable(cfg.resume) if cfg.resume else None
@@ -183,7 +205,7 @@ class Trainer:
     # --- state --------------------------------------------------------------------
     def _trainer_state(self) -> dict:
         state = {"step": self.step, "draws": self.draws, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
-                 "config": self.cfg.to_dict()}
+                 "max_steps": self.max_steps, "config": self.cfg.to_dict()}
         fingerprint = getattr(self.tokenizer, "fingerprint", None)
         if isinstance(fingerprint, str):  # what a resume checks its data against
             state["tokenizer"] = {"name": getattr(self.tokenizer, "name", ""), "fingerprint": fingerprint}
@@ -290,7 +312,44 @@ class Trainer:
         self.skipped = int(ckpt.trainer_state.get("skipped_steps", 0))
         self.tokens_seen = int(ckpt.trainer_state.get("tokens_seen", 0))
         self.last_checkpoint = path
+        if ckpt.val_loss is not None:
+            self.last_val = (self.step, float(ckpt.val_loss))
         self.say(f"resumed from {path} at step {self.step}")
+        self._continue_schedule(ckpt.trainer_state)
+
+    def _continue_schedule(self, state: dict) -> None:
+        """Say how the learning-rate schedule goes on after a resume. A run sized by time
+        finishes the steps its checkpoint planned; a run given other schedule settings
+        than the checkpoint's (a longer --max-steps to train on) continues on the new
+        schedule, and the jump in the learning rate is said, never silent."""
+        planned = state.get("max_steps", (state.get("config") or {}).get("max_steps"))
+        if self.fit_to_time:
+            if isinstance(planned, int) and planned > 0:
+                self.max_steps, self.fit_to_time = planned, False
+                self.say(f"the run was sized by its time limit: it finishes the {planned:,} steps it planned")
+            return
+        old = state.get("config") or {}
+        old_cfg = dataclasses.replace(self.cfg, **{k: old[k] for k in _SCHEDULE if k in old})
+        if isinstance(planned, int) and planned > 0:
+            old_cfg.max_steps = planned
+        changes = [f"{_setting(k)} {_show(getattr(old_cfg, k))} -> {_show(getattr(self.cfg, k))}"
+                   for k in _SCHEDULE if getattr(old_cfg, k) != getattr(self.cfg, k)]
+        if not changes or self.step >= self.max_steps:
+            return
+        before = lr_at(self.step, **_schedule(old_cfg, old_cfg.max_steps))
+        after = lr_at(self.step, **_schedule(self.cfg, self.max_steps))
+        self.say(f"note: the schedule differs from the checkpoint's ({', '.join(changes)}): from step {self.step} the "
+                 f"learning rate follows the new one ({before:.3g} -> {after:.3g} at this step)")
+
+    def _warn_long_warmup(self) -> None:
+        """A configured warm-up longer than the run never lets the learning rate reach
+        --lr: it is capped to the run (`TrainConfig.warmup_for`) and said once."""
+        if self._warmup_warned or not self.cfg.warmup_steps or self.cfg.warmup_steps <= self.max_steps:
+            return
+        self._warmup_warned = True
+        self.say(f"warning: --warmup-steps {self.cfg.warmup_steps} is longer than the run's {self.max_steps:,} steps; the "
+                 f"warm-up is cut to {self.max_steps:,} steps so the learning rate reaches --lr (pass a smaller "
+                 "--warmup-steps, or 0 to warm up over --warmup-fraction of the steps)")
 
     # --- evaluation ---------------------------------------------------------------
     @torch.no_grad()
@@ -331,7 +390,7 @@ class Trainer:
         cfg, draw = self.cfg, self.draws
         self.draws += 1
         torch.manual_seed(step_seed(cfg.seed, self.info.rank, draw))
-        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        lr = lr_at(self.step, **_schedule(cfg, self.max_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -352,6 +411,12 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if self._resume_from is not None:
             self._load(self._resume_from)
+            if self.step >= self.max_steps:  # nothing to train: no evaluation, no record, no checkpoint
+                self.say(f"the run is complete: {self.last_checkpoint} is step {self.step:,} of {self.max_steps:,}; "
+                         "to train on, resume with a larger --max-steps")
+                plot = self.out / LOSS_PLOT if info.is_main and (self.out / LOSS_PLOT).is_file() else None
+                return TrainResult(self.step, self.last_checkpoint, self.last_val[1] if self.last_val else None, "done",
+                                   self.skipped, self.out / METRICS, plot, [], self._logged_val_metrics())
         log = MetricsLog(self.out, enabled=info.is_main, resume_step=self.step if cfg.resume else None)
         try:
             stopped = self._run(log)
@@ -359,7 +424,7 @@ class Trainer:
         finally:
             log.close()
         return TrainResult(self.step, self.last_checkpoint, self.last_val[1] if self.last_val else None, stopped,
-                           self.skipped, log.path, plot, self.samples)
+                           self.skipped, log.path, plot, self.samples, self.last_val_metrics)
 
     def _run(self, log: MetricsLog) -> str:
         """The steps, evaluations and checkpoints up to max_steps (or a stop); how it ended."""
@@ -369,14 +434,17 @@ class Trainer:
         self.wrapped.train()
         start_time = time.monotonic()
         bad_in_a_row, stopped = 0, "done"
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         window_tokens, window_start = 0, time.monotonic()
+        pace = _Pace(self.step)
+        next_line = start_time + PROGRESS_EVERY
         with _StopOnSignal() as stop, contextlib.closing(bar):
-            while self.step < cfg.max_steps:
+            while self.step < self.max_steps:
                 if self._agree(stop.requested):
                     stopped = stop.reason
                     break
-                if cfg.time_limit and self._agree(time.monotonic() - start_time >= cfg.time_limit):
+                # (a run fitted to its time limit ends by its step count, which `_fit_to_time` keeps on time)
+                if cfg.time_limit and not self.fit_to_time and self._agree(time.monotonic() - start_time >= cfg.time_limit):
                     stopped = "time limit"
                     break
                 seen_before = self.tokens_seen
@@ -401,7 +469,10 @@ class Trainer:
                 bad_in_a_row = 0
                 self.step += 1
                 bar.update(1)
-                if self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.max_steps:
+                pace.record(self.step)
+                if self.fit_to_time:
+                    self._fit_to_time(pace, start_time, bar)
+                if self.step % max(cfg.log_every, 1) == 0 or self.step == self.max_steps:
                     mean_loss = float(all_reduce_mean(loss, info))
                     elapsed = time.monotonic() - window_start
                     rate = window_tokens / elapsed if elapsed > 0 else 0.0
@@ -410,10 +481,13 @@ class Trainer:
                               "grad_norm": float(grad_norm), "tokens": self.tokens_seen, "tokens_per_s": rate}
                     log.write(record)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rate:,.0f}")
-                evaluate_now = cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps
+                if not self.progress and info.is_main and time.monotonic() >= next_line:
+                    next_line = time.monotonic() + PROGRESS_EVERY
+                    self.say(self._progress_line(float(loss), pace, start_time))
+                evaluate_now = cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.max_steps
                 if evaluate_now:
                     self._evaluate_and_log(log, bar)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
                     self.save()
             bar.close()
             # a run a signal stopped only saves: the user (or the scheduler) is waiting
@@ -423,17 +497,67 @@ class Trainer:
                 self.save()
         return stopped
 
+    def _fit_to_time(self, pace: _Pace, start_time: float, bar: tqdm) -> None:
+        """Re-estimate the step count so the run, its last evaluation and checkpoint end at
+        the time limit: the steps left are the time left over the recent pace (which
+        includes the periodic evaluations and saves). Every rank takes rank 0's estimate."""
+        per_step = pace.seconds_per_step()
+        if per_step is None:
+            return
+        left = self.cfg.time_limit - (time.monotonic() - start_time) - self._eval_reserve(per_step)
+        estimate = self.step + max(0, int(left / per_step))
+        if self.info.enabled:
+            estimate = _from_rank0(estimate, self.device)
+        if estimate != self.max_steps:
+            self.max_steps = estimate
+            bar.total = estimate
+            bar.refresh()
+            self._warn_long_warmup()
+
+    def _eval_reserve(self, per_step: float) -> float:
+        """Seconds to keep for the final evaluation: what the last one took, or before the
+        first, its forward passes at a third of a training micro-batch's time each."""
+        if self._eval_seconds or self.eval_batches is None:
+            return self._eval_seconds
+        return self.cfg.eval_batches * per_step / (3 * self.cfg.grad_accum)
+
+    def _progress_line(self, loss: float, pace: _Pace, start_time: float) -> str:
+        """One line of what a progress bar shows (this step's loss on this process, the
+        recent pace), for output that is not a terminal."""
+        elapsed = time.monotonic() - start_time
+        per_step = pace.seconds_per_step()
+        if per_step is None:
+            pace_and_eta = ""
+        else:
+            tokens_per_step = self.tokens_seen / max(self.draws, 1)
+            pace_and_eta = (f", {tokens_per_step / per_step:,.0f} tokens/s, "
+                            f"about {_duration((self.max_steps - self.step) * per_step)} left")
+        return (f"step {self.step:,}/{self.max_steps:,} ({100 * self.step / max(self.max_steps, 1):.0f}%), loss {loss:.3f}"
+                f"{pace_and_eta}, {_duration(elapsed)} in")
+
     def _evaluate_and_log(self, log: MetricsLog, bar: tqdm | None) -> None:
+        started = time.monotonic()
         val = self.evaluate()
         if val is None:
             return
-        log.write({"step": self.step, "split": "val", "loss": val, "ppl": math.exp(min(val, 50.0)), "tokens": self.tokens_seen})
+        extra = self.val_metrics(val) if self.val_metrics is not None else {}
+        self.last_val_metrics = extra
+        log.write({"step": self.step, "split": "val", "loss": val, **extra, "tokens": self.tokens_seen})
         self.samples = self.sample()
         for prompt, text in zip(self.cfg.sample_prompts, self.samples):
             log.write({"step": self.step, "split": "sample", "prompt": prompt, "text": text})
-        message = f"step {self.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.2f}"
+        shown = "".join(f", {METRIC_NAMES.get(k, k)} {v:.4g}" for k, v in extra.items())
+        message = f"step {self.step}: val loss {val:.4f}{shown}"
         (bar.write if bar is not None and self.progress else self.say)(message)
         log.plot()
+        self._eval_seconds = time.monotonic() - started
+
+    def _logged_val_metrics(self) -> dict[str, float]:
+        """The validation metrics metrics.jsonl holds for this step (a finished run, resumed)."""
+        if not self.info.is_main or not (self.out / METRICS).is_file():
+            return {}
+        found = [r for r in read_metrics(self.out / METRICS) if r.get("split") == "val" and r.get("step") == self.step]
+        return {k: v for k, v in found[-1].items() if k in METRIC_NAMES} if found else {}
 
     def _agree(self, flag: bool) -> bool:
         """Whether any rank says so: every rank must stop at the same step."""
@@ -442,6 +566,47 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
+
+
+class _Pace:
+    """Seconds per optimizer step over the recent third of the session's steps (at least
+    the last 5): recent enough to follow a machine that slows down, long enough to
+    include the periodic evaluations and saves. The first step (allocation, warm-up)
+    is left out."""
+
+    def __init__(self, step: int) -> None:
+        self.marks: list[tuple[int, float]] = []
+        self.first = step + 1
+
+    def record(self, step: int) -> None:
+        if step >= self.first:
+            self.marks.append((step, time.monotonic()))
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.marks) < 3:
+            return None
+        start = max(0, min(len(self.marks) - 6, len(self.marks) * 2 // 3))
+        (s0, t0), (s1, t1) = self.marks[start], self.marks[-1]
+        return (t1 - t0) / (s1 - s0)
+
+
+_SCHEDULE = ("max_steps", "lr", "min_lr", "warmup_steps", "warmup_fraction")  # what sets the learning rate of a step
+
+
+def _schedule(cfg: TrainConfig, max_steps: int) -> dict[str, Any]:
+    """`lr_at`'s settings for a run of `max_steps`."""
+    return {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_for(max_steps), "max_steps": max_steps}
+
+
+def _from_rank0(value: int, device: torch.device) -> int:
+    t = torch.tensor([float(value)], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _finite_or_none(t: torch.Tensor) -> float | None:

@@ -122,13 +122,17 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
 def _draw(ax: Any, train: list[tuple[int, float]], val: list[tuple[int, float]]) -> None:
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train")
         window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train (mean of {window})")
+        if window == 1:  # too few points to smooth: one line
+            ax.plot(steps, losses, color="tab:blue", linewidth=2, label="training loss")
+        else:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.5, linewidth=1, label="training loss (logged steps)")
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"training loss, running mean of {window} points")
     if val:
         steps, losses = zip(*val)
-        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation")
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(alpha=0.3)
