@@ -98,12 +98,13 @@ class EpochBatches(Generic[BatchT]):
         """Training batch `step`: a function of (seed, step) only."""
         return self.collate(self.sampler.indices(step))
 
-    def iter_eval(self, batch_size: int) -> Iterator[BatchT]:
-        """Every example (that was kept) once, in order, the last batch possibly smaller."""
+    def iter_eval(self, batch_size: int, rows: Sequence[int] | None = None) -> Iterator[BatchT]:
+        """Every example (that was kept) once, in order, the last batch possibly smaller;
+        with `rows`, those examples only (a bounded measure reads a sample of a split)."""
         _check_batch_size(batch_size)
-        n = len(self)
-        for start in range(0, n, batch_size):
-            yield self.collate(range(start, min(start + batch_size, n)))
+        rows = range(len(self)) if rows is None else rows
+        for start in range(0, len(rows), batch_size):
+            yield self.collate(rows[start : start + batch_size])
 
 
 def _check_batch_size(batch_size: int) -> None:

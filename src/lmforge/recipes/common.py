@@ -174,16 +174,6 @@ def describe_sample(counts: dict[str, tuple[int, int]], limit: int) -> str:
     return ", ".join(parts)
 
 
-def eval_stream(data: EpochBatches, rows: list[int], batch: int, bar: Any = None) -> Iterator[Any]:
-    """The batches of `rows` of `data`, in order, `batch` rows each (the last possibly
-    fewer); `bar` (a tqdm) counts the examples."""
-    for start in range(0, len(rows), batch):
-        chunk = rows[start : start + batch]
-        yield data.collate(chunk)
-        if bar is not None:
-            bar.update(len(chunk))
-
-
 @dataclass
 class SplitsRun:
     """A fine-tuning run measured on every split before and after training."""
@@ -232,9 +222,9 @@ def train_on_splits(
         say(f"{when} training: measuring {measures} on {sample}")
         out = {}
         for s in EXAMPLE_SPLITS:
-            with tqdm(total=len(rows[s]), desc=f"{when}: {s}", unit="example", leave=False,
-                      disable=not (progress and info.is_main)) as bar:
-                out[s] = measure(model, map(inputs, eval_stream(data[s], rows[s], eval_batch, bar)))
+            batches = tqdm(data[s].iter_eval(eval_batch, rows[s]), total=math.ceil(len(rows[s]) / eval_batch),
+                           desc=f"{when}: {s}", unit="batch", leave=False, disable=not (progress and info.is_main))
+            out[s] = measure(model, map(inputs, batches))
         return out
 
     before = None if cfg.resume else measure_all("before")
