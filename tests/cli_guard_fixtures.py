@@ -34,6 +34,7 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VERDICT = SHARED / "llms-from-scratch" / "the-verdict.txt"
 INSTRUCTIONS = SHARED / "llms-from-scratch" / "instruction-data.json"
+PREFERENCES = SHARED / "llms-from-scratch" / "instruction-data-with-preference.json"
 GPT2 = SHARED / "gpt2"
 
 # --- one valid, fast invocation of every command ----------------------------------------------
@@ -50,6 +51,7 @@ PRETRAIN = ("--data", "{fx}/data", "--out", "{ws}/out/run", "--preset", "nano", 
             "--max-steps", "1", "--warmup-steps", "0", "--eval-batches", "1", "--sample-prompts", "I", "--sample-tokens", "1",
             "--device", "cpu", *TINY_MODEL)
 FINETUNE = ("--base", "{fx}/model", "--max-steps", "1", "--batch-size", "2", "--eval-batches", "1", "--device", "cpu")
+ALIGN = (*FINETUNE, "--eval-examples", "1", "--max-length", "64")
 
 BASES: dict[str, Base] = {
     "tokenizer train": Base(("--input", "{fx}/verdict.jsonl", "--text-field", "text", "--vocab-size", "300", "--workers", "1",
@@ -75,17 +77,24 @@ BASES: dict[str, Base] = {
                       "--top-k", "5", "--top-p", "0.9", "--device", "cpu", "--ids")),
     "chat": Base(("--model", "{fx}/model", "--max-new-tokens", "2", "--seed", "1", "--device", "cpu"), stdin=b"hello\n"),
     "convert": Base(("--to-hf", "{fx}/model", "--out", "{ws}/out/hf")),
+    "align reward": Base((*ALIGN, "--data", "{fx}/prefs.json", "--out", "{ws}/out/rm")),
+    "align dpo": Base((*ALIGN, "--data", "{fx}/prefs.json", "--out", "{ws}/out/dpo")),
+    "align orpo": Base((*ALIGN, "--data", "{fx}/prefs.json", "--out", "{ws}/out/orpo")),
+    "align iterative-dpo": Base((*ALIGN, "--prompts", "{fx}/prefs.json", "--reward", "{fx}/rm", "--rounds", "1",
+                                 "--rollout-tokens", "2", "--out", "{ws}/out/online")),
+    "reward": Base(("--model", "{fx}/rm", "--prompt", "Name a color.", "--response", "Red.", "--device", "cpu")),
 }
 
 
 # Options that only matter beside another: their cases get these too, so the bad value is read.
 # (command, flag) -> (options set, options dropped)
 LORA = ([("--lora-r", "2")], ())
+ALIGN_COMMANDS = ("align reward", "align dpo", "align orpo", "align iterative-dpo")
 NEEDS: dict[tuple[str, str], tuple[list[tuple[str, str]], tuple[str, ...]]] = {
-    **{(cmd, flag): LORA for cmd in ("finetune classify", "finetune instruct")
+    **{(cmd, flag): LORA for cmd in ("finetune classify", "finetune instruct", *ALIGN_COMMANDS)
        for flag in ("--lora-alpha", "--lora-dropout", "--lora-targets", "--quantize")},
-    ("finetune classify", "--epochs"): ([], ("--max-steps",)),  # --max-steps wins over --epochs
-    ("finetune instruct", "--epochs"): ([], ("--max-steps",)),
+    **{(cmd, "--epochs"): ([], ("--max-steps",)) for cmd in ("finetune classify", "finetune instruct", *ALIGN_COMMANDS)},
+    # --max-steps wins over --epochs
     ("pretrain", "--max-tokens"): ([], ("--max-steps",)),  # --max-steps wins over --max-tokens
     ("convert", "--tokenizer"): ([("--from-llama2c", "{fx}/llama2c/stories260K.bin")], ()),  # only read with --from-llama2c
 }
@@ -292,8 +301,9 @@ def changes(before: dict[str, tuple], after: dict[str, tuple], root: Path, new_a
 
 def build_fixtures(root: Path) -> Path:
     """The tiny inputs every invocation reads: a 300-id tokenizer, a data folder, a model, a
-    classifier, a LoRA adapter, a llama2.c model, JSONL text, a classification CSV (and a
-    one-class one), an instruction file, GPT-2's vocabulary files and a download mirror."""
+    classifier, a reward model, a LoRA adapter, a llama2.c model, JSONL text, a classification CSV
+    (and a one-class one), an instruction file, a preference file, GPT-2's vocabulary files and a
+    download mirror."""
     import torch
 
     from lmforge.config import Config
@@ -329,6 +339,7 @@ def build_fixtures(root: Path) -> Path:
                               mlp_hidden=64)
     save_pretrained(GPT(config), fx / "model", tok)
     save_pretrained(GPT(config.replace(labels=["ham", "spam"])), fx / "classifier", tok)
+    save_pretrained(GPT(config.replace(labels=["reward"])), fx / "rm", tok)  # what `align reward` makes
     model, lora = load_pretrained(fx / "model"), LoRAConfig(r=2, alpha=4.0, targets=("q", "v"))
     apply_lora(model, lora)
     save_adapter(model, fx / "adapter", base=fx / "model", cfg=lora)
@@ -338,6 +349,9 @@ def build_fixtures(root: Path) -> Path:
     (fx / "one_class.csv").write_text("text,label\n" + "".join(f'"{t}",ham\n' for t, _ in rows), encoding="utf-8")
     items = sorted(json.loads(INSTRUCTIONS.read_text(encoding="utf-8")), key=lambda it: len(json.dumps(it)))[:20]
     (fx / "instruct.json").write_text(json.dumps(items, indent=1), encoding="utf-8")
+    pairs = [it for it in json.loads(PREFERENCES.read_text(encoding="utf-8")) if it["chosen"] != it["rejected"]]
+    pairs = sorted(pairs, key=lambda it: len(json.dumps(it)))[:24]  # split in order 20 / 2 / 2
+    (fx / "prefs.json").write_text(json.dumps(pairs, indent=1), encoding="utf-8")
     return fx
 
 

@@ -51,6 +51,7 @@ ALLOW_ZERO: dict[tuple[str, str, str], str] = {
     ("*", "--grad-clip", "inf"): "clipping at an infinite norm is no clipping",
     ("*", "--resume", "empty"): "'' is TrainConfig's value for 'do not resume'",
     ("*", "--quantize", "empty"): "'' is FinetuneConfig's value for 'no quantization'",
+    ("*", "--replay", "empty"): "'' is FinetuneConfig's value for 'no replay'",
     ("pretrain", "--device", "empty"): "'' is TrainConfig's value for 'pick the device'",
     ("finetune classify", "--device", "empty"): "'' is TrainConfig's value for 'pick the device'",
     ("finetune instruct", "--device", "empty"): "'' is TrainConfig's value for 'pick the device'",
@@ -64,6 +65,10 @@ ALLOW_ZERO: dict[tuple[str, str, str], str] = {
     ("tokenizer stats", "files", "dir"): "a folder of .txt files can be measured",
     ("generate", "--prompt", "empty"): "an empty prompt is no prompt: the model starts a fresh document",
     ("chat", "--system", "empty"): "an empty system message is no system message",
+    **{(cmd, "--device", "empty"): "'' is TrainConfig's value for 'pick the device'"
+       for cmd in ("align reward", "align dpo", "align orpo", "align iterative-dpo")},
+    ("reward", "--prompt", "empty"): "an empty user message still renders in the template: the response to it is scored",
+    ("reward", "--response", "empty"): "an empty response has a score too (the prompt, then <|endoftext|>)",
 }
 
 

@@ -197,7 +197,7 @@ def test_registry_matches_the_shared_files_and_sources_md() -> None:
     rows = _sources_rows()
     expected = {
         "tinyshakespeare", "the-verdict", "sms-spam", "instruction-data", "instruction-data-with-preference",
-        "alpaca-en-demo", "dpo-en-demo", "gpt2-vocab", "gutenberg", "nltk-gutenberg", "stories260K",
+        "alpaca-en-demo", "dpo-en-demo", "hh-rlhf-harmless", "gpt2-vocab", "gutenberg", "nltk-gutenberg", "stories260K",
     }  # fmt: skip
     assert set(DATASETS) == expected
     assert [f.path for f in DATASETS["gutenberg"].files] == sorted(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
+from lmforge.ops.logprobs import token_logprobs
 from lmforge.ops.loss import head_loss
 
 if TYPE_CHECKING:
@@ -254,7 +255,12 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        logprobs: bool = False,
     ) -> torch.Tensor:
         """The model's prediction for `idx` (B, T), or with `targets` its mean cross-entropy.
 
@@ -269,7 +275,16 @@ class GPT(nn.Module):
         `attention_mask` (B, T) is 1 on real tokens and 0 on padding (the Hugging Face
         convention): left-padded rows get their own positions and never attend to the
         padding, so each row's result equals running it alone.
+
+        With `logprobs`, each target's log-probability (B, T) under the language-model head,
+        0 where it is IGNORE_INDEX, instead of their mean loss: what preference losses sum
+        per sequence (computed for the learned tokens only, a block of rows at a time:
+        `ops.logprobs`); a classifier answers it too (replaying pretraining text).
         """
+        if logprobs:  # through the language-model head, which a classifier keeps too
+            if targets is None:
+                raise LmforgeError("logprobs=True needs the targets whose log-probabilities to return")
+            return token_logprobs(self.lm_head, self.hidden_states(idx, attention_mask=attention_mask), targets)
         if self.score is not None:
             logits = self.classify(idx, attention_mask)
             return logits if targets is None else F.cross_entropy(logits, targets)

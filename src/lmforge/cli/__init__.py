@@ -16,10 +16,10 @@ import warnings
 from collections.abc import Sequence
 
 from lmforge import __version__
-from lmforge.cli import convert, data, estimate, finetune, generate, lora, pretrain, tokenizer
+from lmforge.cli import align, convert, data, estimate, finetune, generate, lora, pretrain, tokenizer
 from lmforge.errors import LmforgeError
 
-STAGES = (tokenizer, data, estimate, pretrain, finetune, lora, generate, convert)
+STAGES = (tokenizer, data, estimate, pretrain, finetune, lora, align, generate, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

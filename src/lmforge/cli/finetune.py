@@ -88,16 +88,16 @@ def _finetune_classify(args: argparse.Namespace) -> int:
 
     result = _run(run, args)
     splits = result.metrics["splits"]
-    print(_ending(result.stopped, result.metrics["steps"]))
+    print(ending(result.stopped, result.metrics["steps"]))
     for s in EXAMPLE_SPLITS:
         before = splits[s].get("before")
         was = f"{100 * before['accuracy']:6.2f}% -> " if before else ""
         print(f"{s:5} accuracy {was}{100 * splits[s]['after']['accuracy']:6.2f}%   loss {splits[s]['after']['loss']:.4f}"
-              f"   ({_measured_on(splits[s])})")
+              f"   ({measured_on(splits[s])})")
     print(f"model:   {result.checkpoint}")
     print(f"metrics: {result.out / 'metrics.json'}")
     print(f"try:     lmforge classify --model {result.out} \"Congratulations, you won a free cruise! Reply YES\"")
-    _resume_hint(result.stopped, result.out, "classify")
+    resume_hint(result.stopped, result.out, "finetune classify")
     return exit_status(result.stopped)
 
 
@@ -106,27 +106,27 @@ def _finetune_instruct(args: argparse.Namespace) -> int:
 
     result = _run(run, args)
     m = result.metrics
-    print(_ending(result.stopped, m["steps"]))
+    print(ending(result.stopped, m["steps"]))
     for s, v in m["splits"].items():
         before = f"{v['before']['loss']:.4f} -> " if "before" in v else ""
-        print(f"{s:5} response loss {before}{v['after']['loss']:.4f}   ({_measured_on(v)})")
+        print(f"{s:5} response loss {before}{v['after']['loss']:.4f}   ({measured_on(v)})")
     print(f"model:     {result.checkpoint}")
     print(f"responses: {result.responses}")
     print(f"metrics:   {result.out / 'metrics.json'}")
     print(f"try:       lmforge chat --model {result.out}")
-    _resume_hint(result.stopped, result.out, "instruct")
+    resume_hint(result.stopped, result.out, "finetune instruct")
     return exit_status(result.stopped)
 
 
-def _ending(stopped: str, steps: int) -> str:
+def ending(stopped: str, steps: int) -> str:
     """How the run ended: "trained 20 steps", or "stopped (time limit) after 12 steps"."""
     return f"trained {plural(steps, 'step')}" if stopped == "done" else f"stopped ({stopped}) after {plural(steps, 'step')}"
 
 
-def _measured_on(split: dict) -> str:
+def measured_on(split: dict, what: str = "example") -> str:
     """"200 of 935 examples": how much of a split the before/after numbers read (--eval-examples)."""
     n, k = split["examples"], split.get("evaluated", split["examples"])
-    return plural(n, "example") if k == n else f"{k:,} of {plural(n, 'example')}"
+    return plural(n, what) if k == n else f"{k:,} of {plural(n, what)}"
 
 
 def _run(recipe: Callable[..., Any], args: argparse.Namespace) -> Any:
@@ -135,9 +135,9 @@ def _run(recipe: Callable[..., Any], args: argparse.Namespace) -> Any:
     return recipe(cfg, say=lambda m: print(m, file=sys.stderr), progress=progress_enabled())
 
 
-def _resume_hint(stopped: str, out: object, task: str) -> None:
+def resume_hint(stopped: str, out: object, command: str) -> None:
     if stopped != "done":
-        print(f"continue with: lmforge finetune {task} --config {out}/run.json --resume")
+        print(f"continue with: lmforge {command} --config {out}/run.json --resume")
 
 
 def _classify(args: argparse.Namespace) -> int:

@@ -198,6 +198,20 @@ DATASETS: dict[str, DataSource] = {
             ),
         ),
         DataSource(
+            "hh-rlhf-harmless",
+            "Anthropic HH-RLHF harmless-base test split: 2,312 chosen/rejected dialogue pairs, gzipped JSONL (offensive by design)",
+            "MIT (anthropics/hh-rlhf)",
+            (
+                RemoteFile(
+                    "https://raw.githubusercontent.com/anthropics/hh-rlhf/354e5c3cb8960630860dd5774a6ac2a58313bf4d/"
+                    "harmless-base/test.jsonl.gz",
+                    "hh-rlhf/harmless-base_test.jsonl.gz",
+                    "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",
+                    742801,
+                ),
+            ),
+        ),
+        DataSource(
             "dpo-en-demo",
             "300 preference pairs, sharegpt format: conversations/chosen/rejected (LLaMA-Factory demo)",
             "repo Apache-2.0; origin of the rows not stated: research use",

@@ -12,6 +12,7 @@ end-of-text token are learned, once.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lmforge.corpus import file_kind
 from lmforge.data.batches import EpochBatches
 from lmforge.data.labeled import split_sizes
 from lmforge.errors import LmforgeError
@@ -43,31 +45,53 @@ def read_instructions(path: str | os.PathLike) -> list[dict[str, Any]]:
     Every item must have a reply to learn; errors name the item (0-based) and the key.
     """
     path = Path(path)
-    if not path.is_file():
+    return [_normalize(item, f"{path}, item {i}") for i, item in enumerate(read_records(path, "items"))]
+
+
+def read_records(path: Path, noun: str = "rows") -> list[Any]:
+    """The JSON values of a file: a JSON array, or JSONL (one value per line, blank lines
+    skipped), gzip-compressed or not (a .gz name or gzip's magic bytes), UTF-8 with or
+    without a BOM. Errors name the file (and the line of JSONL); a FIFO or device is
+    refused without being opened; an empty file is an error (it holds no `noun`)."""
+    kind = file_kind(path)  # a stat only: a FIFO is never opened, so this cannot block
+    if kind == "missing":
         raise LmforgeError(f"no file at {path}")
+    if kind is not None:
+        raise LmforgeError(f"{path} is not a regular file: it is {kind}; give a JSON or JSONL file")
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+    except OSError as e:
+        raise LmforgeError(f"cannot read {path}: {e.strerror}") from None
+    if path.suffix.lower() == ".gz" or data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise LmforgeError(f"{path} is not a readable gzip file ({e})") from None
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise LmforgeError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8") from None
     if text.lstrip().startswith("["):
         try:
-            raw = json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise LmforgeError(f"{path} is not valid JSON: {e}") from None
     else:
-        raw = []
+        rows = []
         for n, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
-                    raw.append(json.loads(line))
+                    rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise LmforgeError(f"{path}, line {n}: not valid JSON ({e})") from None
-    if not raw:
-        raise LmforgeError(f"{path} holds no items")
-    return [_normalize(item, f"{path}, item {i}") for i, item in enumerate(raw)]
+    if not rows:
+        raise LmforgeError(f"{path} holds no {noun}")
+    return rows
 
 
-def _text_field(item: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+def string_field(item: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+    """`item[key]`, a string; a missing key (or null, when there is a `default`) gives
+    `default`, else an error naming `where` the item is and the keys it has."""
     if key not in item or (item[key] is None and default is not None):
         if default is None:
             raise LmforgeError(f"{where}: missing key {key!r} (it has {sorted(item)})")
@@ -85,7 +109,7 @@ def _normalize(item: Any, where: str) -> dict[str, Any]:
         turns = item.pop("conversations")
         if not isinstance(turns, list):
             raise LmforgeError(f"{where}: 'conversations' must be a list")
-        messages = [{"role": "system", "content": _text_field(item, "system", where)}] if item.get("system") else []
+        messages = [{"role": "system", "content": string_field(item, "system", where)}] if item.get("system") else []
         item.pop("system", None)
         for j, t in enumerate(turns):
             if not isinstance(t, Mapping) or "from" not in t or "value" not in t:
@@ -100,9 +124,9 @@ def _normalize(item: Any, where: str) -> dict[str, Any]:
             raise LmforgeError(f"{where}: the conversation must end with an assistant message (the reply to learn)")
         return item
     if "instruction" in item:
-        _text_field(item, "instruction", where)
-        _text_field(item, "output", where)
-        item["input"] = _text_field(item, "input", where, default="")
+        string_field(item, "instruction", where)
+        string_field(item, "output", where)
+        item["input"] = string_field(item, "input", where, default="")
         return item
     raise LmforgeError(f"{where}: missing key 'instruction' (Alpaca), 'messages' or 'conversations' (chat); it has {sorted(item)}")
 

@@ -100,6 +100,7 @@ class Completion:
     ids: list[int]
     text: str | None
     finish_reason: str  # "stop" (a stop id or string), "length" (max_new_tokens), "context" (context full)
+    stop: int | str | None = None  # the stop id or stop string that ended it ("stop" only)
 
 
 class Engine:
@@ -261,22 +262,27 @@ class Engine:
         stops = set(stop_ids)
         out: list[list[int]] = [[] for _ in rows]
         reason = ["context"] * len(rows)
+        stopped_by: list[int | str | None] = [None] * len(rows)
         done = [False] * len(rows)
         for token, _ in self.steps(rows, max_new_tokens, sampling, seed):
             for b, t in enumerate(token.tolist()):
                 if done[b]:
                     continue
                 if t in stops:
-                    done[b], reason[b] = True, "stop"
+                    done[b], reason[b], stopped_by[b] = True, "stop", t
                     continue
                 out[b].append(t)
-                if stop_strings and _find_stop(self._decode_after(rows[b], out[b]), stop_strings) is not None:
+                cut = _find_stop(self._decode_after(rows[b], out[b]), stop_strings) if stop_strings else None
+                if cut is not None:
+                    text = self._decode_after(rows[b], out[b])
                     done[b], reason[b] = True, "stop"
+                    stopped_by[b] = next(s for s in stop_strings if text.startswith(s, cut))
                 elif len(out[b]) == max_new_tokens:
                     done[b], reason[b] = True, "length"
             if all(done):
                 break
-        return [Completion(ids, self._text(row, ids, stop_strings), r) for row, ids, r in zip(rows, out, reason)]
+        return [Completion(ids, self._text(row, ids, stop_strings), r, by)
+                for row, ids, r, by in zip(rows, out, reason, stopped_by)]
 
     def stream(
         self,

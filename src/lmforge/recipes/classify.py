@@ -123,6 +123,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             "splits": {s: {"examples": len(data[s]), "evaluated": run.evaluated[s],
                            **({"before": _strip(before[s])} if before else {}), "after": _strip(after[s])}
                        for s in EXAMPLE_SPLITS},
+            **({"held_out": run.held_out} if any(run.held_out.values()) else {}),  # --replay: the pretraining loss
         }
         write_metrics(cfg, info, metrics)
         return ClassifyResult(Path(cfg.out), run.result.checkpoint, metrics, run.result.stopped)

@@ -29,17 +29,18 @@ from tqdm.auto import tqdm
 from lmforge.data.batches import EXAMPLE_SPLITS, EpochBatches
 from lmforge.errors import LmforgeError
 from lmforge.finetune.adapter import load_adapter, save_adapter
-from lmforge.finetune.lora import LoRAConfig, apply_lora, count_parameters
+from lmforge.finetune.lora import LoRAConfig, apply_lora, count_parameters, lora_layers, merge_lora
 from lmforge.finetune.nf4 import quantize_model
 from lmforge.io import LOCK_FILE, atomic_write_text, lock_folder, remove_dir
 from lmforge.loading import load, resolve_model_path
 from lmforge.model import GPT
 from lmforge.recipes.config import FinetuneConfig
+from lmforge.recipes.replay import open_replay
 from lmforge.text import plural
 from lmforge.train.checkpoint import RUN_CONFIG, is_run_folder
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, init_distributed, shutdown
-from lmforge.train.loop import Batch, LossFn, Trainer, TrainResult, ValMetrics
+from lmforge.train.loop import Batch, LossFn, Trainer, TrainResult, ValMetrics, num_tokens
 from lmforge.train.loss import next_token_loss
 from lmforge.weights import carry_trunk
 
@@ -63,6 +64,8 @@ def load_base(cfg: FinetuneConfig, labels: list[str] | None = None) -> GPT:
     """The base with its tokenizer; with `labels`, a fresh classification head for them
     (kept as it is when the base already classifies into exactly these labels)."""
     model = load(cfg.base)
+    if lora_layers(model):  # an adapter run: what is fine-tuned is the adapted model, its adapters folded in
+        merge_lora(model)
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise LmforgeError(f"{cfg.base} has no tokenizer beside its weights; fine-tuning needs one to read the data")
@@ -164,10 +167,10 @@ def eval_rows(n: int, limit: int) -> list[int]:
     return [i * n // limit for i in range(limit)]
 
 
-def describe_sample(counts: dict[str, tuple[int, int]], limit: int) -> str:
+def describe_sample(counts: dict[str, tuple[int, int]], limit: int, unit: str = "example") -> str:
     """"200 of 935 train examples, 55 val examples, 110 test examples" from {split: (measured,
     of)}, with how to change it when a split is cut."""
-    parts = [plural(n, f"{s} example") if k == n else f"{k:,} of {plural(n, f'{s} example')}"
+    parts = [plural(n, f"{s} {unit}") if k == n else f"{k:,} of {plural(n, f'{s} {unit}')}"
              for s, (k, n) in counts.items()]
     if any(k < n for k, n in counts.values()):
         parts[-1] += f" (at most {limit:,} per split: --eval-examples N changes it, 0 measures every example)"
@@ -183,6 +186,8 @@ class SplitsRun:
     before: dict[str, dict] | None  # None when resumed (the "before" was measured by the first run)
     after: dict[str, dict]
     evaluated: dict[str, int]  # examples of each split the before/after measures read (--eval-examples)
+    held_out: dict[str, dict] = dataclasses.field(default_factory=dict)  # "before"/"after": the recipe's own
+    # held-out figures (`held_out` hook) and, with --replay, the pretraining loss
 
 
 def train_on_splits(
@@ -202,6 +207,8 @@ def train_on_splits(
     loss_fn: LossFn = next_token_loss,
     before_fit: Callable[[], None] | None = None,
     val_metrics: ValMetrics | None = None,
+    held_out: Callable[[str], dict] | None = None,
+    unit: str = "example",
 ) -> SplitsRun:
     """What every fine-tuning recipe does around the one `Trainer`: steps from --epochs,
     `measure` on each split of `data` (in batches of `eval_batch` rows) before (unless
@@ -212,11 +219,21 @@ def train_on_splits(
     The before/after measures read at most --eval-examples of each split (`eval_rows`),
     saying so first (`measures` names what is measured, e.g. "the response loss"), with a
     progress bar per split when `progress`. `val_metrics` is what the trainer's
-    validation loss also means (a perplexity), None when it means nothing more."""
+    validation loss also means (a perplexity), None when it means nothing more.
+    `held_out(when)` ("before", "after") measures what a recipe measures beyond the
+    splits' loss (responses, KL, rewards); with --replay the pretraining loss joins it."""
     cfg = dataclasses.replace(cfg, max_steps=epoch_steps(cfg, data["train"].steps_per_epoch))
     model.to(info.device)
     rows = {s: eval_rows(len(data[s]), cfg.eval_examples) for s in EXAMPLE_SPLITS}
-    sample = describe_sample({s: (len(rows[s]), len(data[s])) for s in EXAMPLE_SPLITS}, cfg.eval_examples)
+    sample = describe_sample({s: (len(rows[s]), len(data[s])) for s in EXAMPLE_SPLITS}, cfg.eval_examples, unit)
+
+    mine = rank_rows(cfg, info)
+    probe = [num_tokens(_rows(inputs(data["train"].batch(k)), mine)[0]) for k in range(min(8, data["train"].steps_per_epoch))]
+    replay = open_replay(cfg, model, info, sum(probe) / len(probe))
+    if replay is not None and replay.rows:
+        say(f"replay: {plural(replay.rows, 'window')} of {replay.val.context_length} tokens from {cfg.replay} per micro-batch, "
+            f"{100 * replay.fraction:g}% of the loss")
+    held: dict[str, dict] = {}
 
     def measure_all(when: str) -> dict[str, dict]:
         say(f"{when} training: measuring {measures} on {sample}")
@@ -225,19 +242,24 @@ def train_on_splits(
             batches = tqdm(data[s].iter_eval(eval_batch, rows[s]), total=math.ceil(len(rows[s]) / eval_batch),
                            desc=f"{when}: {s}", unit="batch", leave=False, disable=not (progress and info.is_main))
             out[s] = measure(model, map(inputs, batches))
+        held[when] = held_out(when) if held_out is not None else {}
+        if replay is not None:
+            held[when]["pretraining_loss"] = replay.pretraining_loss(model)
         return out
 
     before = None if cfg.resume else measure_all("before")
     if before:
         say("before: " + summary(before))
-    mine = rank_rows(cfg, info)
 
     def batch(draw: int, micro: int) -> Batch:
-        return _rows(inputs(data["train"].batch(draw * cfg.grad_accum + micro)), mine)
+        step = draw * cfg.grad_accum + micro
+        b = _rows(inputs(data["train"].batch(step)), mine)
+        return replay.add(b, step) if replay is not None else b
 
     def eval_batches() -> Iterable[Batch]:
         return map(inputs, itertools.islice(data["val"].iter_eval(eval_batch), cfg.eval_batches or None))
 
+    loss_fn = replay.loss(loss_fn) if replay is not None else loss_fn
     trainer = Trainer(model, cfg, batch=batch, eval_batches=eval_batches, info=info, tokenizer=model.tokenizer, loss_fn=loss_fn,
                       say=say, progress=progress, val_metrics=val_metrics, **checkpoint_hooks(model, cfg, report))
     start_run(cfg, info, say)
@@ -246,7 +268,7 @@ def train_on_splits(
     result = trainer.fit()
     after = measure_all("after")
     say("after:  " + summary(after))
-    return SplitsRun(cfg, result, before, after, {s: len(rows[s]) for s in EXAMPLE_SPLITS})
+    return SplitsRun(cfg, result, before, after, {s: len(rows[s]) for s in EXAMPLE_SPLITS}, held)
 
 
 def _rows(batch: Any, rows: slice) -> Any:
@@ -315,8 +337,10 @@ def inside(folder: str | Path, path: str | Path) -> bool:
 
 
 def run_inputs(cfg: TrainConfig) -> dict[str, str]:
-    """The paths a run reads, by flag: --data, a fine-tuning run's --base, a --resume folder."""
-    inputs = {"--data": cfg.data, "--base": getattr(cfg, "base", ""), "--resume": "" if cfg.resume == "latest" else cfg.resume}
+    """The paths a run reads, by flag: --data, a fine-tuning run's --base, a --resume folder,
+    and the alignment recipes' --replay, --reward and --prompts."""
+    inputs = {"--data": cfg.data, "--base": getattr(cfg, "base", ""), "--resume": "" if cfg.resume == "latest" else cfg.resume,
+              "--replay": getattr(cfg, "replay", ""), "--reward": getattr(cfg, "reward", ""), "--prompts": getattr(cfg, "prompts", "")}
     return {flag: path for flag, path in inputs.items() if path}
 
 

@@ -55,7 +55,10 @@ class FinetuneConfig(TrainConfig):
     label_field: str = "label"  # classification: the label's column or key
     padding_side: str = "right"  # classification batches: right | left (both exact)
     mask_prompt: bool = True  # instruction tuning: learn the responses only
-    template: str = "auto"  # instruction tuning: alpaca | chat | auto (from the data)
+    template: str = "auto"  # instruction tuning: alpaca | chat | dialogue | auto (from the data)
+    # keeping what the base knew: windows of its pretraining data mixed into every batch
+    replay: str = ""  # a prepared data folder (`lmforge data prepare`) whose windows are mixed in; "": none
+    replay_fraction: float = 0.1  # with --replay: the share of each step's loss (and about its tokens) from it; 0: measure only
 
     def validate(self) -> None:
         if self.eval_examples < 0:
@@ -79,8 +82,11 @@ class FinetuneConfig(TrainConfig):
             raise LmforgeError("--quantize nf4 freezes the base in 4 bits: give adapters to train with --lora-r (e.g. --lora-r 8)")
         if self.padding_side not in ("left", "right"):
             raise LmforgeError(f"--padding-side must be left or right, got {self.padding_side!r}")
-        if self.template not in ("auto", "alpaca", "chat"):
-            raise LmforgeError(f"--template must be auto, alpaca or chat, got {self.template!r}")
+        if self.template not in ("auto", "alpaca", "chat", "dialogue"):
+            raise LmforgeError(f"--template must be auto, alpaca, chat or dialogue, got {self.template!r}")
+        if not (math.isfinite(self.replay_fraction) and 0 <= self.replay_fraction < 1):
+            raise LmforgeError(f"--replay-fraction must be in [0, 1) (the share of the loss from replay; 0: only measure "
+                               f"the pretraining loss), got {self.replay_fraction}")
 
     # The LoRA fields carry a `lora_` prefix here, where they sit among every other
     # setting of a run; `LoRAConfig` (and an adapter's JSON) names them without it.
@@ -113,3 +119,60 @@ class FinetuneConfig(TrainConfig):
         if not m:
             raise LmforgeError(f"--trainable must be {TRAINABLE_HELP}; got {self.trainable!r}")
         return int(m.group(1))
+
+
+@dataclass
+class AlignConfig(FinetuneConfig):
+    """A preference-alignment run (`lmforge align reward | dpo | orpo | iterative-dpo`):
+    `data` is a file of preference pairs (prompt, chosen, rejected) in any shape
+    `lmforge.data.preference` reads; `base` the model to align (an SFT model for DPO,
+    a pretrained base for ORPO)."""
+
+    out: str = "runs/align"  # run folder: checkpoints/, metrics.json, metrics.jsonl, loss.png, responses.jsonl
+    lr: float = 5e-6  # the LLMs-from-scratch DPO notebook's rate for full weights; LoRA takes ~10x more
+    min_lr: float = 5e-7
+    epochs: float = 1.0  # passes over the training pairs when --max-steps is 0
+    eval_every: int = 0  # steps between validation-loss checks during training; 0: only at the end
+    # sequence log-probabilities (DPO, ORPO's odds use the mean whatever this says)
+    logps: str = "sum"  # sum over the response tokens (the DPO paper, trl) | mean (per token: the book's notebook)
+    # DPO
+    beta: float = 0.1  # DPO: the KL penalty's weight; smaller lets the policy move further from the reference
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO: a squared loss that does not push margins to infinity)
+    label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped preference labels, in [0, 0.5)
+    precompute_ref: bool = False  # reference log-probs computed once (cached in the run folder), reference freed
+    # ORPO
+    orpo_lambda: float = 0.1  # ORPO: the odds-ratio term's weight beside the SFT loss (also --lambda)
+    # reward model
+    reward_margin: float = 0.0  # reward model: the margin the chosen score must beat the rejected one by
+    center_rewards: float = 0.0  # reward model: weight of the (r_chosen + r_rejected)^2 penalty that centres scores on 0
+    # iterative (online) DPO
+    reward: str = ""  # a reward model (`lmforge align reward`): ranks iterative DPO's samples; "": none
+    prompts: str = ""  # iterative DPO: prompts to sample from (a preference or instruction file; its prompts are used)
+    rounds: int = 2  # iterative DPO: sample, rank, train; each round's policy is the next round's reference
+    rollout_tokens: int = 128  # iterative DPO: new tokens per sampled response, at most
+    rollout_temperature: float = 1.0  # iterative DPO: sampling temperature of the two responses per prompt
+
+    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {**FinetuneConfig.flag_aliases, "orpo_lambda": ("--lambda",)}
+
+    def validate(self) -> None:
+        FinetuneConfig.validate(dataclasses.replace(self, data=self.data or self.prompts))  # iterative DPO reads --prompts
+        if self.logps not in ("sum", "mean"):
+            raise LmforgeError(f"--logps must be sum or mean, got {self.logps!r}")
+        if self.dpo_loss not in ("sigmoid", "ipo"):
+            raise LmforgeError(f"--dpo-loss must be sigmoid or ipo, got {self.dpo_loss!r}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise LmforgeError(f"--beta must be a positive number, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise LmforgeError(f"--label-smoothing must be in [0, 0.5) (a share of flipped labels), got {self.label_smoothing}")
+        if self.dpo_loss == "ipo" and self.label_smoothing:
+            raise LmforgeError("--label-smoothing is conservative DPO's, for --dpo-loss sigmoid; IPO takes none")
+        if not (math.isfinite(self.orpo_lambda) and self.orpo_lambda >= 0):
+            raise LmforgeError(f"--lambda must be a number >= 0, got {self.orpo_lambda}")
+        for name in ("reward_margin", "center_rewards", "rollout_temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise LmforgeError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.rounds < 1:
+            raise LmforgeError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.rollout_tokens < 1:
+            raise LmforgeError(f"--rollout-tokens must be at least 1, got {self.rollout_tokens}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lmforge.data.batches import EXAMPLE_SPLITS
 from lmforge.data.instruct import IGNORE_INDEX, InstructionBatches, book_split, read_instructions
-from lmforge.engine import Engine, SamplingParams, end_of_text_ids
+from lmforge.engine import Completion, Engine, SamplingParams, end_of_text_ids
 from lmforge.io import atomic_write_text
 from lmforge.model import GPT
 from lmforge.recipes.common import (
@@ -37,7 +37,7 @@ from lmforge.recipes.common import (
 )
 from lmforge.recipes.config import FinetuneConfig
 from lmforge.text import plural
-from lmforge.tokenizer.templates import template_named
+from lmforge.tokenizer.templates import Template, template_named
 from lmforge.train.loss import next_token_loss
 
 EVAL_BATCH = 8
@@ -65,36 +65,53 @@ def choose_template(cfg: FinetuneConfig, items: list[dict]) -> str:
 
 
 @torch.no_grad()
-def answer(model: GPT, items: list[dict], template_name: str, max_new_tokens: int = RESPONSE_TOKENS, batch: int = 8,
-           progress: bool = False) -> list[dict]:
-    """Greedy responses to each item's prompt (everything before its last reply); with
-    `progress`, a bar counts the answers (up to 256 tokens each: minutes on a CPU)."""
-    template = template_named(template_name)
+def respond(model: GPT, prompts: Sequence[str], *, stop_strings: Sequence[str] = (), max_new_tokens: int = RESPONSE_TOKENS,
+            batch: int = 8, sampling: SamplingParams = SamplingParams(temperature=0.0), seed: int | None = None,
+            progress: bool = False, desc: str = "answers") -> list[Completion | None]:
+    """The model's completion of each rendered prompt (greedy by default), in batches with
+    the `Engine`; None for a prompt that leaves no room in the context. The weights stay as
+    training left them and the model is back in training mode afterwards. With `progress`,
+    a bar counts the answers (up to 256 tokens each: minutes on a CPU)."""
     tok = model.tokenizer
-    engine = Engine(model, tok, relayout=False, prefetch=False)  # the weights stay as training left them
+    engine = Engine(model, tok, relayout=False, prefetch=False)
     context = model.config.context_length
-    prompts = []
-    for item in items:
-        segments = template.item_segments(item)
-        prompts.append("".join(p + r for p, r in segments[:-1]) + segments[-1][0])
-    out: list[dict] = []
-    bar = tqdm(total=len(items), desc="answers", unit="answer", leave=False, disable=not progress)
-    for start in range(0, len(items), batch):
+    out: list[Completion | None] = []
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", leave=False, disable=not progress)
+    for start in range(0, len(prompts), batch):
         chunk = [tok.encode(p) for p in prompts[start : start + batch]]
         fits = [ids for ids in chunk if len(ids) < context]
         budget = min(max_new_tokens, context - max(len(ids) for ids in fits)) if fits else 0
-        done = iter(engine.generate(fits, max_new_tokens=budget, sampling=SamplingParams(temperature=0.0),
-                                    stop_ids=end_of_text_ids(tok), stop_strings=template.stop_strings) if fits and budget > 0 else [])
-        for item, ids in zip(items[start : start + batch], chunk):
-            completion = next(done) if len(ids) < context and budget > 0 else None
-            record = {k: v for k, v in item.items()}
-            record["response"] = completion.text.strip() if completion is not None else None
-            if completion is None:
-                record["note"] = f"the prompt ({len(ids)} tokens) leaves no room in the context ({context})"
-            out.append(record)
+        done = iter(engine.generate(fits, max_new_tokens=budget, sampling=sampling, seed=None if seed is None else seed + start,
+                                    stop_ids=end_of_text_ids(tok), stop_strings=stop_strings) if fits and budget > 0 else [])
+        out += [next(done) if len(ids) < context and budget > 0 else None for ids in chunk]
         bar.update(len(chunk))
     bar.close()
     model.train()
+    return out
+
+
+def prompt_text(template: Template, item: dict) -> str:
+    """What the model reads before its reply to `item`: everything before the last reply."""
+    segments = template.item_segments(item)
+    return "".join(p + r for p, r in segments[:-1]) + segments[-1][0]
+
+
+@torch.no_grad()
+def answer(model: GPT, items: list[dict], template_name: str, max_new_tokens: int = RESPONSE_TOKENS, batch: int = 8,
+           progress: bool = False) -> list[dict]:
+    """Greedy responses to each item's prompt (everything before its last reply), as
+    records: the item with its "response" (None, with a "note", when it does not fit)."""
+    template = template_named(template_name)
+    context = model.config.context_length
+    completions = respond(model, [prompt_text(template, item) for item in items], stop_strings=template.stop_strings,
+                          max_new_tokens=max_new_tokens, batch=batch, progress=progress)
+    out: list[dict] = []
+    for item, completion in zip(items, completions):
+        record = dict(item)
+        record["response"] = completion.text.strip() if completion is not None else None
+        if completion is None:
+            record["note"] = f"the prompt leaves no room in the context ({context} tokens)"
+        out.append(record)
     return out
 
 
@@ -152,6 +169,7 @@ def run(cfg: FinetuneConfig, say: Callable[[str], None] = print, progress: bool 
             "splits": {s: {"examples": len(data[s]), "evaluated": run.evaluated[s],
                            **({"before": run.before[s]} if run.before else {}), "after": run.after[s]} for s in EXAMPLE_SPLITS},
             "responses": len(asked),
+            **({"held_out": run.held_out} if any(run.held_out.values()) else {}),  # --replay: the pretraining loss
         }
         write_metrics(cfg, info, metrics)
         return InstructResult(Path(cfg.out), run.result.checkpoint, metrics, responses, run.result.stopped)

@@ -46,6 +46,9 @@ tokenizer. The end of a reply is the `<|endoftext|>` *id*, which training append
 the last assistant turn and generation stops at; earlier turns are followed by the next
 marker, as in a rendered history.
 
+`DialogueTemplate` is Anthropic's HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ..."), the
+format of those preference pairs, so a model aligned on them is prompted as it learned.
+
 `PlainTranscript` is for a base model, which was tuned on no format: a transcript it
 can continue ("User: ...\\nAssistant: ...").
 """
@@ -230,8 +233,30 @@ class PlainTranscript(Template):
         return pieces
 
 
+@dataclass(frozen=True)
+class DialogueTemplate(Template):
+    """Anthropic's HH-RLHF dialogue text: "\n\nHuman: ..." and "\n\nAssistant:" turns. A
+    reply is the text after "Assistant:" exactly as the data has it (its leading space
+    included), so a model tuned on HH-RLHF pairs is prompted as it learned."""
+
+    stop_strings: tuple[str, ...] = ("\n\nHuman:",)
+
+    def _pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        pieces = []
+        for m in messages:
+            if m["role"] == "system":
+                pieces.append((m["content"], False))
+            elif m["role"] == "user":
+                pieces.append((f"\n\nHuman: {m['content']}", False))
+            else:
+                pieces += [("\n\nAssistant:", False), (m["content"], True)]
+        if add_generation_prompt:
+            pieces.append(("\n\nAssistant:", False))
+        return pieces
+
+
 # --- which template a model was tuned with ----------------------------------------------
-TEMPLATES: dict[str, type[Template]] = {"alpaca": AlpacaTemplate, "chat": ChatTemplate}
+TEMPLATES: dict[str, type[Template]] = {"alpaca": AlpacaTemplate, "chat": ChatTemplate, "dialogue": DialogueTemplate}
 
 
 def template_named(name: str) -> Template:

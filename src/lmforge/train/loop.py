@@ -96,9 +96,10 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def num_tokens(x: Any) -> int:
-    """Tokens in a batch's input: the ids tensor, or the "input_ids" of a dict."""
+    """Tokens in a batch's input: the ids tensor, or in a dict its "input_ids", the
+    "task" batch inside it and the "replay_ids" beside that (`recipes.common.Replay`)."""
     if isinstance(x, dict):
-        x = x["input_ids"]
+        return sum(num_tokens(v) for k, v in x.items() if k in ("input_ids", "task", "replay_ids"))
     return int(x.numel())
 
 

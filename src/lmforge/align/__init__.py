@@ -1,0 +1,3 @@
+"""Preference alignment: the losses here (`losses.py`: reward model, DPO/IPO, ORPO), the recipes that train with them in
+`lmforge.recipes`.
+"""
