@@ -364,7 +364,9 @@ def test_quickstart_overwrite_replaces_an_earlier_quickstart(tmp_path, capsys):
     assert (out / "NOTES.md").read_text() == "mine\n"
     steps = train_steps(out / "model")
     first = json.loads((out / "model" / "run.json").read_text())["log_every"]
-    assert steps == sorted(set(steps)) and steps[0] == first  # one run's records, not two runs' appended
+    # one run's records, not two runs' appended: the first is at --log-every, or at the last step of a run
+    # the time limit kept shorter than that (a loaded machine)
+    assert steps == sorted(set(steps)) and steps[0] == min(first, steps[-1])
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ class FinetuneConfig(TrainConfig):
     mask_prompt: bool = True  # instruction tuning: learn the responses only
     template: str = "auto"  # instruction tuning: alpaca | chat | dialogue | auto (from the data)
     # keeping what the base knew: windows of its pretraining data mixed into every batch
-    replay: str = ""  # a prepared data folder (`lmforge data prepare`) whose windows are mixed in; "": none
+    replay: str = ""  # the base's pretraining data (a `lmforge data prepare` folder), mixed into every batch; "": none
     replay_fraction: float = 0.1  # with --replay: the share of each step's loss (and about its tokens) from it; 0: measure only
 
     def validate(self) -> None:
