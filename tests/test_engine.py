@@ -264,3 +264,22 @@ def test_a_lone_stop_id_or_string_counts_as_a_list_of_one(text_engine):
     stop = free.text[6:9]
     assert (text_engine.generate(["To be, or not"], max_new_tokens=20, sampling=GREEDY, stop_strings=stop)[0]
             == text_engine.generate(["To be, or not"], max_new_tokens=20, sampling=GREEDY, stop_strings=[stop])[0])
+
+
+def test_a_completion_names_the_stop_that_ended_it(gpt2_tok):
+    """`Completion.stop` is the stop id or the stop string that ended a row (the alignment
+    recipes count the answers that end with <|endoftext|> by it), None otherwise."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("nano", vocab_size=gpt2_tok.vocab_size, context_length=64)).eval()
+    engine = Engine(model, gpt2_tok, relayout=False, prefetch=False)
+    free = engine.generate(["Hello"], max_new_tokens=6, sampling=GREEDY)[0]
+    assert (free.finish_reason, free.stop) == ("length", None) and len(free.ids) == 6
+    first = free.ids[0]
+    by_id = engine.generate(["Hello"], max_new_tokens=6, sampling=GREEDY, stop_ids=[first])[0]
+    assert (by_id.finish_reason, by_id.stop, by_id.ids) == ("stop", first, [])
+    text = gpt2_tok.decode(free.ids)
+    needle = text[len(text) // 2 :][:1]
+    if not needle.strip():  # a stop string of visible text, taken from what greedy decoding writes
+        needle = text.strip()[-1:]
+    by_string = engine.generate(["Hello"], max_new_tokens=6, sampling=GREEDY, stop_strings=["\x00never", needle])[0]
+    assert (by_string.finish_reason, by_string.stop) == ("stop", needle) and needle not in by_string.text
