@@ -272,9 +272,9 @@ class Engine:
                     done[b], reason[b], stopped_by[b] = True, "stop", t
                     continue
                 out[b].append(t)
-                cut = _find_stop(self._decode_after(rows[b], out[b]), stop_strings) if stop_strings else None
+                text = self._decode_after(rows[b], out[b]) if stop_strings else ""
+                cut = _find_stop(text, stop_strings) if stop_strings else None
                 if cut is not None:
-                    text = self._decode_after(rows[b], out[b])
                     done[b], reason[b] = True, "stop"
                     stopped_by[b] = next(s for s in stop_strings if text.startswith(s, cut))
                 elif len(out[b]) == max_new_tokens:

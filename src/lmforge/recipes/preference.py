@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 
 from lmforge.align.losses import PreferenceLoss, sequence_logprobs
 from lmforge.data.batches import EXAMPLE_SPLITS
-from lmforge.data.instruct import InstructionBatches
+from lmforge.data.instruct import InstructionBatches, pad_pairs
 from lmforge.data.preference import PreferenceBatches, PreferenceData, preference_split, read_preferences, render_pair
 from lmforge.engine import SamplingParams, end_of_text_ids
 from lmforge.errors import LmforgeError
@@ -330,12 +330,7 @@ def kl_to_reference(policy: GPT, reference: Reference, prompts: Sequence[str], s
     total = 0.0
     for start in range(0, len(rows), EVAL_BATCH):
         chunk = rows[start : start + EVAL_BATCH]
-        width = max(len(x) for x, _ in chunk)
-        x = torch.full((len(chunk), width), tok.eot_id, dtype=torch.long)
-        y = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        for b, (inputs, labels) in enumerate(chunk):
-            x[b, : len(inputs)], y[b, : len(labels)] = torch.tensor(inputs), torch.tensor(labels)
-        x, y = x.to(policy.device), y.to(policy.device)
+        x, y = (t.to(policy.device) for t in pad_pairs(chunk, tok.eot_id))
         with evaluating(policy):
             pi = policy(x, y, logprobs=True).sum(-1)
         with reference.model() as ref:
