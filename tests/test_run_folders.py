@@ -159,11 +159,10 @@ HOLDER = textwrap.dedent(
 
     lock = lock_folder(sys.argv[1], what="run folder")
     if sys.argv[2] == "fork":  # a worker forked while the lock is held (the tokenizer's pool)
-        child = os.fork()
-        if child == 0:
+        if os.fork() == 0:  # the child says its pid once its fork handlers have run
+            print(os.getpid(), flush=True)
             time.sleep(600)
             os._exit(0)
-        print(child, flush=True)
     print("locked", flush=True)
     sys.stdin.readline()
     lock.release()
@@ -204,8 +203,9 @@ def test_a_killed_owner_leaves_no_stale_lock_even_with_a_forked_worker_alive(tmp
     owner = hold(folder, "fork")
     child = None
     try:
-        child = int(owner.stdout.readline())
-        assert owner.stdout.readline().strip() == "locked"
+        lines = sorted(owner.stdout.readline().strip() for _ in range(2))  # the two processes print in either order
+        assert lines[1] == "locked", lines
+        child = int(lines[0])
         with pytest.raises(LmforgeError, match=f"in use by process {owner.pid}"):
             lock_folder(folder)
         owner.send_signal(signal.SIGKILL)
