@@ -9,6 +9,7 @@ calls it; the runs land in --out and are reused when their metrics.json is there
   reward       reward model on the polite/impolite pairs (held-out pairwise accuracy),
                and one on the HH-RLHF sample (real human preferences; chance is 0.5)
   dpo-B        DPO from the SFT model at beta B (0.1, 0.3, 0.5)
+  dpo-B-rpoA   DPO plus A x the chosen response's NLL per token (RPO; --rpo-alpha), at beta 0.3, 4 epochs
   orpo         ORPO from the pretrained base (no SFT stage), the same data and epochs
   iterative    iterative DPO from the SFT model, the polite reward model ranking samples
   replay       DPO at beta 0.1 with 10% replay of the base's pretraining data
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--hh-eval", type=int, default=231, help="HH-RLHF pairs measured per split (231: the whole test split)")
     parser.add_argument("--judge", default="reward-polite", help="the run (under --out) whose reward model judges win rates")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    parser.add_argument("--rpo-betas", type=float, nargs="*", default=[0.3], help="DPO + the chosen NLL (--rpo-alpha) at these betas")
+    parser.add_argument("--rpo-alpha", type=float, default=1.0)
+    parser.add_argument("--rpo-epochs", type=float, default=4.0, help="epochs of the RPO rows (the NLL term lets it train longer)")
     parser.add_argument("--orpo-lambda", type=float, default=0.1)
     parser.add_argument("--orpo-epochs", type=float, default=0.0, help="ORPO epochs (0: those of SFT + DPO: 2 + --epochs)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -102,6 +106,11 @@ def main() -> None:
             name = f"dpo-beta{beta:g}"
             row(name, fit(dpo, name, base=args.sft, data=str(POLITE), beta=beta, epochs=args.epochs, lr=args.lr,
                           precompute_ref=True, replay=args.replay, replay_fraction=0.0), out / name)
+        for beta in args.rpo_betas:
+            name = f"dpo-beta{beta:g}-rpo{args.rpo_alpha:g}-{args.rpo_epochs:g}ep"
+            row(f"{name} (+ chosen NLL)", fit(dpo, name, base=args.sft, data=str(POLITE), beta=beta, epochs=args.rpo_epochs,
+                                              lr=args.lr, precompute_ref=True, replay=args.replay, replay_fraction=0.0,
+                                              rpo_alpha=args.rpo_alpha), out / name)
     if "replay" in args.only and args.replay:
         name = "dpo-beta0.1-replay"
         row(name + " (10%)", fit(dpo, name, base=args.sft, data=str(POLITE), beta=0.1, epochs=args.epochs, lr=args.lr,

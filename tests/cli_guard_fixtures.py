@@ -82,6 +82,9 @@ BASES: dict[str, Base] = {
     "align orpo": Base((*ALIGN, "--data", "{fx}/prefs.json", "--out", "{ws}/out/orpo")),
     "align iterative-dpo": Base((*ALIGN, "--prompts", "{fx}/prefs.json", "--reward", "{fx}/rm", "--rounds", "1",
                                  "--rollout-tokens", "2", "--out", "{ws}/out/online")),
+    "align ppo": Base(("--policy", "{fx}/model", "--prompts", "{fx}/prefs.json", "--reward", "{fx}/rm", "--iterations", "1",
+                       "--rollout-batch", "2", "--batch-size", "2", "--rollout-tokens", "2", "--eval-examples", "1",
+                       "--device", "cpu", "--out", "{ws}/out/ppo")),
     "reward": Base(("--model", "{fx}/rm", "--prompt", "Name a color.", "--response", "Red.", "--device", "cpu")),
 }
 
@@ -89,11 +92,11 @@ BASES: dict[str, Base] = {
 # Options that only matter beside another: their cases get these too, so the bad value is read.
 # (command, flag) -> (options set, options dropped)
 LORA = ([("--lora-r", "2")], ())
-ALIGN_COMMANDS = ("align reward", "align dpo", "align orpo", "align iterative-dpo")
+ALIGN_COMMANDS = ("align reward", "align dpo", "align orpo", "align iterative-dpo", "align ppo")
 NEEDS: dict[tuple[str, str], tuple[list[tuple[str, str]], tuple[str, ...]]] = {
     **{(cmd, flag): LORA for cmd in ("finetune classify", "finetune instruct", *ALIGN_COMMANDS)
        for flag in ("--lora-alpha", "--lora-dropout", "--lora-targets", "--quantize")},
-    **{(cmd, "--epochs"): ([], ("--max-steps",)) for cmd in ("finetune classify", "finetune instruct", *ALIGN_COMMANDS)},
+    **{(cmd, "--epochs"): ([], ("--max-steps",)) for cmd in ("finetune classify", "finetune instruct", *ALIGN_COMMANDS[:-1])},
     # --max-steps wins over --epochs
     ("pretrain", "--max-tokens"): ([], ("--max-steps",)),  # --max-steps wins over --max-tokens
     ("convert", "--tokenizer"): ([("--from-llama2c", "{fx}/llama2c/stories260K.bin")], ()),  # only read with --from-llama2c

@@ -7,6 +7,7 @@ refusals; and replay of pretraining data while fine-tuning or aligning."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -183,7 +184,7 @@ def test_dpo_end_to_end(bases, tmp_path, shape):
     out = tmp_path / "dpo"
     printed, said = run_ok("align", "dpo", "--base", bases["sft"], "--data", data, *QUICK, *extra, "--out", out)
     m = metrics(out)
-    assert set(m) == {"task", "base", "data", "template", "logps", "beta", "loss", "label_smoothing", "precompute_ref",
+    assert set(m) == {"task", "base", "data", "template", "logps", "beta", "loss", "label_smoothing", "precompute_ref", "rpo_alpha",
                       "trainable", "steps", "skipped_steps", "dropped_rows", "truncated_pairs", "splits", "held_out"}
     assert (m["task"], m["template"], m["steps"], m["dropped_rows"]) == ("dpo", template, 2, dropped)
     assert (m["beta"], m["loss"], m["label_smoothing"], m["logps"]) == (0.1, "sigmoid", 0.0, "sum")
@@ -420,6 +421,16 @@ def test_reference_forms_agree(bases, tmp_path):
         torch.testing.assert_close(c.loss, a.loss, rtol=0, atol=1e-6)
         torch.testing.assert_close(c.chosen_rewards, a.chosen_rewards, rtol=0, atol=1e-6)
         assert float(a.loss.mean()) != pytest.approx(LN2, abs=1e-4)  # the policy is not the reference
+    # --rpo-alpha adds alpha x the chosen response's NLL per token, pair by pair
+    rpo = dpo.objective(dataclasses.replace(cfg, rpo_alpha=0.5))(policy, copy)
+    for b in samples:
+        x, y = {k: b[k] for k in ("input_ids", "attention_mask", "index")}, b["labels"]
+        with torch.no_grad():
+            plain, with_nll, own = live_loss(policy, x, y), rpo(policy, x, y), pair_logps(policy, x, y)
+        nll = -own.sum[:, 0] / own.count[:, 0]
+        assert float(nll.min()) > 0
+        torch.testing.assert_close(with_nll.loss, plain.loss + 0.5 * nll, rtol=0, atol=1e-5)
+        assert torch.equal(with_nll.chosen_rewards, plain.chosen_rewards)  # the rewards are DPO's alone
     # written once, read back only for the same key
     cached.write_cache(tmp_path)
     again = Reference(policy)

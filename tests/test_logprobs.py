@@ -85,15 +85,15 @@ def test_blocks_are_split_by_the_float_budget_too():
     h = torch.randn(3, 7, 6, requires_grad=True)
     targets = torch.randint(0, 40, (3, 7))
     calls = []
-    block = logprobs_module._block_logprobs
+    block = logprobs_module._block
 
-    def counting(head, hb, tb):
+    def counting(head, hb, tb, *args):
         calls.append(hb.size(0))
-        return block(head, hb, tb)
+        return block(head, hb, tb, *args)
 
     with (
         mock.patch.object(logprobs_module, "BLOCK_FLOATS", 40 * 5),
-        mock.patch.object(logprobs_module, "_block_logprobs", counting),
+        mock.patch.object(logprobs_module, "_block", counting),
     ):
         ours = token_logprobs(head, h, targets)
         ours.sum().backward()
@@ -160,3 +160,31 @@ def test_bf16_head_gives_fp32_logprobs():
     out = token_logprobs(head, h, targets)
     assert out.dtype == torch.float32
     assert torch.allclose(out, reference(head, h, targets), rtol=1e-6, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=20)
+@given(temperature=st.sampled_from([0.5, 1.0, 1.7]), seed=st.integers(0, 1000))
+def test_logprobs_and_entropy_at_a_temperature_match_the_sampled_distribution(temperature, seed):
+    """What PPO reads: log softmax(logits / T)[target] and the entropy of softmax(logits / T),
+    against torch.distributions.Categorical, in value and gradients; 0 where ignored."""
+    torch.manual_seed(seed)
+    head = nn.Linear(8, 30, bias=False)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (2, 5))
+    targets[0, :2] = IGNORE_INDEX
+    logps, entropy = logprobs_module.token_logprobs_entropy(head, h, targets, temperature)
+    (logps.sum() + 0.3 * entropy.sum()).backward()
+    ours = (h.grad.clone(), head.weight.grad.clone())
+    h.grad, head.weight.grad = None, None
+    dist = torch.distributions.Categorical(logits=head(h).float() / temperature)
+    keep = targets != IGNORE_INDEX
+    ref_logps = torch.where(keep, dist.log_prob(targets.clamp(min=0)), 0.0)
+    ref_entropy = torch.where(keep, dist.entropy(), 0.0)
+    (ref_logps.sum() + 0.3 * ref_entropy.sum()).backward()
+    torch.testing.assert_close(logps, ref_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-5, atol=1e-5)
+    assert float(entropy[keep].min()) > 0 and bool((entropy[~keep] == 0).all())
+    torch.testing.assert_close(ours[0], h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1], head.weight.grad, rtol=1e-4, atol=1e-5)
+    if temperature == 1.0:
+        assert torch.equal(logps, token_logprobs(head, h, targets))

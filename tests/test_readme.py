@@ -53,6 +53,7 @@ TINY: list[tuple[str, str]] = [
     # flags the README leaves at their defaults, added: fewer examples / batches measured and answered
     (r"^lmforge (finetune|align) [\w-]+", r"\g<0> --eval-examples 16"),
     (r"--rounds \d+", "--rounds 1 --rollout-tokens 8"),
+    (r"--iterations \d+", "--iterations 1 --rollout-batch 8 --rollout-tokens 8"),
     (r"(^lmforge|-m lmforge) pretrain", r"\g<0> --eval-batches 2"),
     (r"^lmforge quickstart", r"\g<0> --preset nano"),
 ]
@@ -61,7 +62,7 @@ TINY: list[tuple[str, str]] = [
 NOT_RUN: dict[str, str] = {
     "--nnodes=2": "needs two machines with 8 GPUs each",
 }
-EXPECTED_RUN = 43  # commands and Python blocks run: change it with the README, on purpose
+EXPECTED_RUN = 44  # commands and Python blocks run: change it with the README, on purpose
 
 # what a command reads on stdin (by its start); anything else gets an empty stdin
 STDIN = {"lmforge chat": "Once upon a time\n/quit\n"}

@@ -25,9 +25,11 @@ from lmforge.config import Config
 from lmforge.data.prepare import prepare
 from lmforge.model import GPT
 from lmforge.recipes import pretrain
+from lmforge.tokenizer import train_bpe
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import init_distributed
+from lmforge.train.loop import step_seed
 from lmforge.train.loss import next_token_loss
 from lmforge.train.optim import lr_at, param_groups
 
@@ -193,6 +195,37 @@ def test_pretrain_cli_writes_a_run_folder_that_loads(data_dir, tmp_path):
     assert gen.returncode == 0, gen.stderr
     bad = lmforge_cli("pretrain", "--data", str(tmp_path / "nothing"), "--max-steps", "2", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "nothing" in bad.stderr
+
+
+def test_init_from_continues_a_model_on_new_data_and_refuses_another_tokenizer(data_dir, tmp_path):
+    """--init-from starts from the model's own weights and shape (its step-1 loss is the
+    model's loss on that batch, not a fresh model's) and needs data in its tokenizer."""
+    first, _ = fit(tiny_cfg(data_dir, tmp_path / "first", max_steps=8, sample_tokens=0))
+    model = lmforge.load(tmp_path / "first")
+    cfg = tiny_cfg(data_dir, tmp_path / "more", max_steps=2, init_from=str(tmp_path / "first"), model={}, context_length=0,
+                   sample_tokens=0, warmup_steps=0, grad_accum=1)
+    trainer = pretrain.build(cfg, init_distributed(), say=lambda m: None, progress=False)
+    assert trainer.model.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+    x, y = trainer.batch(0, 0)
+    torch.manual_seed(step_seed(cfg.seed, 0, 0))  # the dropout the trainer's first step draws
+    with torch.no_grad():
+        expected = float(next_token_loss(model.train(), x, y))
+    result = trainer.fit()
+    first_loss = [r for r in map(json.loads, (tmp_path / "more" / "metrics.jsonl").read_text().splitlines())
+                  if r["split"] == "train"][0]["loss"]
+    assert first_loss == pytest.approx(expected, rel=1e-5) and result.step == 2
+    assert lmforge.load(tmp_path / "more").config == model.config
+    with pytest.raises(LmforgeError, match="drop --set and --context-length"):
+        pretrain.build(tiny_cfg(data_dir, tmp_path / "x", init_from=str(tmp_path / "first")), init_distributed(),
+                       say=lambda m: None, progress=False)
+    other = tmp_path / "other-data"
+    verdict = shared("llms-from-scratch/the-verdict.txt")
+    prepare([verdict], train_bpe([verdict.read_text(encoding="utf-8")], 280, progress=False), other, val_fraction=0.1)
+    with pytest.raises(LmforgeError, match="another tokenizer.*data prepare --tokenizer"):
+        pretrain.build(tiny_cfg(other, tmp_path / "y", init_from=str(tmp_path / "first"), model={}, context_length=0),
+                       init_distributed(), say=lambda m: None, progress=False)
 
 
 # --- torchrun ------------------------------------------------------------------------

@@ -11,14 +11,18 @@ from lmforge.cli.common import add_command, add_group, progress_enabled
 from lmforge.cli.finetune import NOT_FOR_FINETUNING, ending, measured_on, resume_hint
 from lmforge.cli.flags import add_flags, config_from_args
 from lmforge.cli.pretrain import exit_status
-from lmforge.recipes.config import AlignConfig
+from lmforge.recipes.config import AlignConfig, RLConfig
 from lmforge.text import plural
 
 # fields of AlignConfig that only one recipe reads, by recipe
-DPO_ONLY = ("beta", "dpo_loss", "label_smoothing", "precompute_ref")
+DPO_ONLY = ("beta", "dpo_loss", "label_smoothing", "precompute_ref", "rpo_alpha")
 ORPO_ONLY = ("orpo_lambda",)
 REWARD_ONLY = ("reward_margin", "center_rewards")
 ITERATIVE_ONLY = ("reward", "prompts", "rounds", "rollout_tokens", "rollout_temperature")
+# what an RLHF run does not take: it samples its own responses to --prompts, for --iterations
+NOT_FOR_RL = DPO_ONLY + ORPO_ONLY + REWARD_ONLY + ("data", "rounds", "epochs", "max_steps", "eval_every", "eval_batches",
+                                                  "logps", "sample_prompts", "sample_tokens", "replay", "replay_fraction",
+                                                  "max_length")
 NOT_FOR_PAIRS = NOT_FOR_FINETUNING + ("from_scratch", "text_field", "label_field", "padding_side", "mask_prompt")
 
 PAIRS_HELP = """
@@ -57,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         (--logps sum, the paper's; mean: per token). The reference is the starting model: the
         policy with its adapters off under --lora-r, else a frozen copy; --precompute-ref computes
         its log-probs once (kept in the run folder) and frees it. --dpo-loss ipo and
-        --label-smoothing give IPO and conservative DPO. Writes metrics.json (implicit-reward
+        --label-smoothing give IPO and conservative DPO; --rpo-alpha adds the chosen response's
+        per-token NLL (RPO), which keeps the SFT behaviour and answer length. Writes metrics.json (implicit-reward
         accuracy, margins, KL to the reference, the SFT loss on held-out responses, response
         length) and responses.jsonl (greedy held-out responses before and after).""" + PAIRS_HELP,
     )
@@ -89,6 +94,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         held-out prompts (judged by the reward model), its reward, KL and response length.""",
     )
     _flags(i, ORPO_ONLY + REWARD_ONLY + ("data",))
+    p = add_command(
+        group, "ppo", "RLHF: the policy samples, a reward model scores, PPO (or RLOO, GRPO) learns with a KL penalty",
+        _align(_ppo_run, "ppo", RLConfig),
+        examples="""
+        lmforge align ppo --policy runs/instruct --reward runs/rm --prompts data/instruction-data-with-preference.json --out runs/ppo
+        lmforge align ppo --policy runs/reviews --reward runs/sentiment --reward-label 1 --prompts prompts.txt --lora-r 16 \\
+          --lr 1e-4 --iterations 60 --out runs/ppo-sentiment
+        lmforge align ppo --algo rloo --samples 4 --policy runs/instruct --reward runs/rm --prompts pairs.json --out runs/rloo
+        """,
+        description="""
+        Each iteration samples --rollout-batch prompts x --samples responses (KV cache, up to
+        --rollout-tokens, at --rollout-temperature), scores them with --reward (a reward model,
+        or a classifier's probability of --reward-label), subtracts --kl-coef x KL to the starting
+        policy per token (adapted towards --target-kl when set), and takes --ppo-epochs passes of
+        clipped updates in minibatches of --batch-size. --algo ppo learns a value head on the
+        policy's trunk (GAE); rloo and grpo compare each response with the others sampled for
+        its prompt. --prompts is a .txt file (one prompt per line, continued as is), JSON/JSONL
+        rows with "prompt", or a preference-pairs file (its prompts, rendered). Writes
+        metrics.jsonl (score, KL, reward, entropy, clip fraction, value loss, ... per
+        iteration), rl.png, metrics.json (held-out score, KL and length before and after) and
+        responses.jsonl (greedy held-out answers before and after).""",
+    )
+    _flags(p, NOT_FOR_RL, RLConfig)
     s = add_command(
         sub, "reward", "score responses with a reward model", _score,
         examples="""
@@ -101,14 +129,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
 
 
-def _flags(parser: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
+def _flags(parser: argparse.ArgumentParser, skip: tuple[str, ...], cls: type[AlignConfig] = AlignConfig) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with the same keys as these flags")
-    add_flags(parser, skip=NOT_FOR_PAIRS + skip, cls=AlignConfig)
+    add_flags(parser, skip=NOT_FOR_PAIRS + skip, cls=cls)
 
 
-def _align(recipe: Callable[[], Callable[..., Any]], task: str) -> Callable[[argparse.Namespace], int]:
+def _align(recipe: Callable[[], Callable[..., Any]], task: str,
+           cls: type[AlignConfig] = AlignConfig) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        cfg = config_from_args(args, args.config, cls=AlignConfig)
+        cfg = config_from_args(args, args.config, cls=cls)
         result = recipe()(cfg, say=lambda m: print(m, file=sys.stderr), progress=progress_enabled())
         _report(result.metrics)
         print(f"model:     {result.checkpoint}")
@@ -147,7 +176,21 @@ def _iterative_run() -> Callable[..., Any]:
     return run
 
 
+def _ppo_run() -> Callable[..., Any]:
+    from lmforge.recipes.ppo import run
+
+    return run
+
+
 def _report(m: dict) -> None:
+    if m["task"] in ("ppo", "rloo", "grpo"):
+        before, after = m["held_out"]["before"], m["held_out"]["after"]
+        print(f"{m['task']}: {plural(m['iterations'], 'iteration')} ({plural(m['steps'], 'step')}), KL coefficient {m['kl_coef']:.4g}")
+        print(f"held-out: score {before['score']:.3f} -> {after['score']:.3f}, KL to the reference "
+              f"{after['kl_to_reference']:.2f} nats per response, response tokens {before['response_tokens']:.1f} -> "
+              f"{after['response_tokens']:.1f}, ended {before['ended']:.2f} -> {after['ended']:.2f} "
+              f"({plural(after['responses'], 'prompt')})")
+        return
     if m["task"] == "iterative-dpo":
         for r in m["rounds"]:
             win = "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f}"

@@ -14,7 +14,7 @@ from lmforge.recipes.config import TRAINABLE_HELP, FinetuneConfig
 from lmforge.text import plural
 
 # TrainConfig fields that describe building a model from a preset: a fine-tuning run has a --base instead
-NOT_FOR_FINETUNING = ("preset", "model", "context_length", "max_tokens")
+NOT_FOR_FINETUNING = ("preset", "model", "context_length", "max_tokens", "init_from")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

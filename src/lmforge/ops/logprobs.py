@@ -27,6 +27,22 @@ def token_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, igno
     in fp32 whatever the head's dtype, as the log-softmax of a bf16 row loses the small
     differences between log-probabilities that preference losses are made of.
     """
+    return _blockwise(head, h, targets, ignore_index, 1.0, entropy=False)[0]
+
+
+def token_logprobs_entropy(
+    head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` of the distribution the sampler drew from, softmax(head(h) / temperature),
+    and that distribution's entropy at each target's position; both 0.0 where ignored.
+    What PPO needs: the log-prob of each sampled token exactly as sampled, and the entropy
+    it logs (or rewards)."""
+    logps, entropy = _blockwise(head, h, targets, ignore_index, temperature, entropy=True)
+    return logps, entropy
+
+
+def _blockwise(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float, *,
+               entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if h.shape[:-1] != targets.shape:
         raise ValueError(f"hidden states {tuple(h.shape)} do not match targets {tuple(targets.shape)}")
     flat_targets = targets.reshape(-1)
@@ -46,14 +62,23 @@ def token_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, igno
     for s in range(0, max(n, 1), rows):
         hb, tb = hs[s : s + rows], ts[s : s + rows]
         if grad:
-            pieces.append(checkpoint(_block_logprobs, head, hb, tb, use_reentrant=False))
+            pieces.append(checkpoint(_block, head, hb, tb, temperature, entropy, use_reentrant=False))
         else:
-            pieces.append(_block_logprobs(head, hb, tb))
-    logps = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    out = torch.zeros(flat_targets.shape, dtype=torch.float32, device=h.device)
-    return out.index_put((keep,), logps).reshape(targets.shape)
+            pieces.append(_block(head, hb, tb, temperature, entropy))
+    block = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (n, 1 or 2): log-prob, entropy
+    out = torch.zeros((flat_targets.numel(), block.size(1)), dtype=torch.float32, device=h.device)
+    out = out.index_put((keep,), block)
+    logps = out[:, 0].reshape(targets.shape)
+    return logps, out[:, 1].reshape(targets.shape) if entropy else None
 
 
-def _block_logprobs(head: nn.Module, hb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+def _block(head: nn.Module, hb: torch.Tensor, tb: torch.Tensor, temperature: float, entropy: bool) -> torch.Tensor:
     logits = head(hb).float()
-    return logits.gather(1, tb[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    normalizer = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(1, tb[:, None]).squeeze(1) - normalizer
+    if not entropy:
+        return logps[:, None]
+    probs = torch.softmax(logits, dim=-1)
+    return torch.stack([logps, normalizer - (probs * logits).sum(-1)], dim=1)

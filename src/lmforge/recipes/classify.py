@@ -10,7 +10,7 @@ of each split: a pass over every example costs more than a short run's training)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.batches import EXAMPLE_SPLITS
-from lmforge.data.labeled import ClassificationBatches, balanced_split, read_labeled, save_split
+from lmforge.data.labeled import ClassificationBatches, balanced_split, pad_rows, read_labeled, save_split
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.recipes.common import distributed_run, example_length, load_base, set_trainable, train_on_splits, write_metrics
@@ -72,6 +72,31 @@ def predict(model: GPT, texts: list[str], max_length: int | None = None) -> list
         probs = model.classify(torch.tensor([ids], device=model.device)).softmax(-1)[0]
         k = int(probs.argmax())
         out.append((model.config.labels[k], float(probs[k])))
+    return out
+
+
+@torch.no_grad()
+def label_probabilities(model: GPT, texts: Sequence[str], label: str, batch: int = EVAL_BATCH) -> list[float]:
+    """The classifier's probability of `label` for each text (cut to its first
+    context-length tokens), in padded batches: a classifier used as a reward or a judge."""
+    if model.score is None:
+        raise LmforgeError("this model has no classification head; train one with `lmforge finetune classify`")
+    labels = list(model.config.labels)
+    if label not in labels:
+        raise LmforgeError(f"the classifier's labels are {labels}; {label!r} is not one of them (say which one scores: "
+                           f"--reward-label {labels[-1]})")
+    tok = model.tokenizer
+    if tok is None:
+        raise LmforgeError("this model has no tokenizer beside its weights")
+    k, limit = labels.index(label), model.config.context_length
+    rows = [tok.encode(t)[:limit] or [tok.eot_id] for t in texts]
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(rows), batch):
+        ids, mask = pad_rows(rows[start : start + batch], getattr(tok, "eot_id", None) or 0)
+        out += model.classify(ids.to(model.device), mask.to(model.device)).softmax(-1)[:, k].tolist()
+    model.train(was_training)
     return out
 
 

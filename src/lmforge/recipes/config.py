@@ -140,6 +140,7 @@ class AlignConfig(FinetuneConfig):
     dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO: a squared loss that does not push margins to infinity)
     label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped preference labels, in [0, 0.5)
     precompute_ref: bool = False  # reference log-probs computed once (cached in the run folder), reference freed
+    rpo_alpha: float = 0.0  # DPO: weight of the chosen response's per-token NLL added to the loss (RPO); 0: plain DPO
     # ORPO
     orpo_lambda: float = 0.1  # ORPO: the odds-ratio term's weight beside the SFT loss (also --lambda)
     # reward model
@@ -168,7 +169,7 @@ class AlignConfig(FinetuneConfig):
             raise LmforgeError("--label-smoothing is conservative DPO's, for --dpo-loss sigmoid; IPO takes none")
         if not (math.isfinite(self.orpo_lambda) and self.orpo_lambda >= 0):
             raise LmforgeError(f"--lambda must be a number >= 0, got {self.orpo_lambda}")
-        for name in ("reward_margin", "center_rewards", "rollout_temperature"):
+        for name in ("reward_margin", "center_rewards", "rollout_temperature", "rpo_alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise LmforgeError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
@@ -176,3 +177,98 @@ class AlignConfig(FinetuneConfig):
             raise LmforgeError(f"--rounds must be at least 1, got {self.rounds}")
         if self.rollout_tokens < 1:
             raise LmforgeError(f"--rollout-tokens must be at least 1, got {self.rollout_tokens}")
+
+
+RL_ALGOS = ("ppo", "rloo", "grpo")
+
+
+@dataclass
+class RLConfig(AlignConfig):
+    """An RLHF run (`lmforge align ppo`): the policy (`base`, also --policy) samples
+    responses to `prompts`, the `reward` model scores them, and PPO (or RLOO, GRPO)
+    raises the score while a KL penalty keeps the policy near where it started. An
+    iteration samples `rollout_batch` prompts x `samples` responses, then takes
+    `ppo_epochs` passes over them in minibatches of `batch_size` responses."""
+
+    out: str = "runs/ppo"  # run folder: checkpoints/, metrics.json, metrics.jsonl, rl.png, responses.jsonl
+    reward: str = ""  # the reward: a reward model (`align reward`) or a classifier (`finetune classify`, with --reward-label)
+    prompts: str = ""  # prompts to sample from: .txt (one per line), JSON/JSONL rows with "prompt", or a preference-pairs file
+    algo: str = "ppo"  # ppo (value head, GAE) | rloo (leave-one-out baseline) | grpo (group-normalised rewards)
+    iterations: int = 100  # sample-score-learn iterations
+    lr: float = 1e-5  # small: the policy must move a little per iteration (LoRA takes ~10x more)
+    min_lr: float = 1e-5  # a constant rate after the warm-up, as PPO usually runs
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0
+    rollout_batch: int = 16  # prompts sampled per iteration
+    samples: int = 0  # responses per prompt; 0: 1 for ppo, 4 for rloo and grpo
+    rollout_tokens: int = 48  # new tokens per response, at most
+    rollout_temperature: float = 1.0  # sampling temperature of the rollouts (log-probs are taken at the same temperature)
+    ppo_epochs: int = 2  # passes over each iteration's responses
+    batch_size: int = 8  # responses per minibatch (one optimizer step)
+    clip_range: float = 0.2  # PPO: how far pi / pi_old may move per iteration before the surrogate clips
+    value_clip: float = 0.2  # PPO: how far a value may move from the rollout's before its loss clips
+    vf_coef: float = 0.1  # PPO: the value loss's weight (the value head shares the policy's trunk)
+    gamma: float = 1.0  # PPO: discount over response tokens
+    lam: float = 0.95  # PPO: GAE's lambda (1: Monte-Carlo returns, 0: one-step TD)
+    entropy_coef: float = 0.0  # weight of an entropy bonus; 0: none
+    kl_coef: float = 0.05  # the KL penalty's weight per token (the start value when --target-kl is set)
+    kl_estimator: str = "k1"  # k1 (log pi - log ref) | k3 ((r - 1) - log r: never negative)
+    target_kl: float = 0.0  # adapt --kl-coef so the KL per response approaches this (nats); 0: fixed coefficient
+    kl_horizon: int = 10000  # adaptive KL: responses over which the coefficient may move by up to 20%
+    reward_label: str = ""  # a classifier as reward (`finetune classify`): the label whose probability is the score
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a response that never ended (no <|endoftext|>)
+    reward_norm: bool = False  # scores standardised by their running mean and std
+    reward_clip: float = 0.0  # scores clipped to [-c, c] after normalising; 0: no clipping
+    stop_kl: float = 100.0  # stop (keeping the last checkpoint) when the KL per response exceeds this; 0: never
+    eval_examples: int = 64  # held-out prompts answered greedily before and after
+    held_out_every: int = 0  # iterations between held-out measures during training (held_out/iteration-K.jsonl); 0: none
+    save_every: int = 0  # steps (minibatches) between checkpoints, mid-iteration ones keep the rollout; 0: only at the end
+
+    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {**AlignConfig.flag_aliases, "base": ("--policy",)}
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise LmforgeError(f"--iterations must be at least 1, got {self.iterations}")
+        AlignConfig.validate(dataclasses.replace(self, max_steps=self.max_steps or 1))
+        if self.algo not in RL_ALGOS:
+            raise LmforgeError(f"--algo must be one of {', '.join(RL_ALGOS)}, got {self.algo!r}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise LmforgeError(f"--kl-estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.held_out_every < 0:
+            raise LmforgeError(f"--held-out-every must be a number of iterations >= 0 (0: before and after only), got "
+                               f"{self.held_out_every}")
+        if self.responses_per_iteration % (self.batch_size * self.grad_accum):
+            raise LmforgeError(f"an iteration's {self.responses_per_iteration} responses (--rollout-batch x --samples) must "
+                               f"split into whole minibatches of --batch-size x --grad-accum = {self.batch_size * self.grad_accum}")
+        for name in ("rollout_batch", "ppo_epochs", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.samples < 0 or (self.algo != "ppo" and self.samples == 1):
+            raise LmforgeError(f"--samples must be 0 (the algorithm's default) or a count; {self.algo} needs at least 2 "
+                               f"responses per prompt to compare, got {self.samples}")
+        if self.rollout_temperature <= 0:
+            raise LmforgeError("--rollout-temperature must be above 0: PPO learns from sampled responses")
+        for name in ("clip_range", "value_clip", "vf_coef", "entropy_coef", "kl_coef", "target_kl", "missing_eos_penalty",
+                     "reward_clip", "stop_kl"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise LmforgeError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise LmforgeError(f"--gamma and --lam must be in [0, 1], got {self.gamma} and {self.lam}")
+
+    @property
+    def responses_per_prompt(self) -> int:
+        return self.samples or (1 if self.algo == "ppo" else 4)
+
+    @property
+    def responses_per_iteration(self) -> int:
+        return self.rollout_batch * self.responses_per_prompt
+
+    @property
+    def minibatches(self) -> int:
+        """Optimizer steps per pass over an iteration's responses."""
+        return max(1, math.ceil(self.responses_per_iteration / (self.batch_size * self.grad_accum)))
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.ppo_epochs * self.minibatches

@@ -34,6 +34,7 @@ from lmforge.finetune.lora import adapters_disabled, lora_layers
 from lmforge.io import atomic_write_bytes, atomic_write_text
 from lmforge.loading import load, resolve_model_path
 from lmforge.model import GPT
+from lmforge.ops.logprobs import token_logprobs_entropy
 from lmforge.ops.loss import IGNORE_INDEX
 from lmforge.recipes.common import (
     distributed_run,
@@ -311,12 +312,15 @@ class HeldOut:
 
 
 @torch.no_grad()
-def kl_to_reference(policy: GPT, reference: Reference, prompts: Sequence[str], seed: int = 0) -> float:
+def kl_to_reference(policy: GPT, reference: Reference, prompts: Sequence[str], seed: int = 0, max_new_tokens: int = KL_TOKENS,
+                    temperature: float = 1.0) -> float:
     """KL(policy || reference) per response, estimated on one sampled response per prompt
-    (temperature 1, at most KL_TOKENS tokens): the mean over prompts of log pi(y) - log
-    ref(y), summed over the response's tokens and its <|endoftext|> when it ended there."""
+    (at `temperature`, at most `max_new_tokens` tokens): the mean over prompts of log pi(y)
+    - log ref(y), summed over the response's tokens and its <|endoftext|> when it ended
+    there, both distributions taken at that temperature (what the sampler drew from)."""
     tok = policy.tokenizer
-    completions = respond(policy, prompts, max_new_tokens=KL_TOKENS, sampling=SamplingParams(temperature=1.0), seed=seed)
+    completions = respond(policy, prompts, max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temperature),
+                          seed=seed)
     rows = []
     for prompt, c in zip(prompts, completions):
         if c is None:
@@ -332,10 +336,16 @@ def kl_to_reference(policy: GPT, reference: Reference, prompts: Sequence[str], s
         chunk = rows[start : start + EVAL_BATCH]
         x, y = (t.to(policy.device) for t in pad_pairs(chunk, tok.eot_id))
         with evaluating(policy):
-            pi = policy(x, y, logprobs=True).sum(-1)
+            pi = _logprobs(policy, x, y, temperature).sum(-1)
         with reference.model() as ref:
-            total += float((pi - ref(x, y, logprobs=True).sum(-1)).sum())
+            total += float((pi - _logprobs(ref, x, y, temperature).sum(-1)).sum())
     return total / len(rows)
+
+
+def _logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature == 1.0:
+        return model(x, y, logprobs=True)
+    return token_logprobs_entropy(model.lm_head, model.hidden_states(x), y, temperature)[0]
 
 
 def frozen_reference(cfg: AlignConfig, policy: GPT) -> GPT | None:

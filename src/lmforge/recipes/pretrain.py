@@ -22,6 +22,7 @@ from lmforge.data.windows import RandomWindows
 from lmforge.device import available_memory
 from lmforge.errors import LmforgeError
 from lmforge.estimate import check_training_fits
+from lmforge.loading import load
 from lmforge.model import GPT
 from lmforge.recipes.common import check_run_folder, own_run_folder, start_run
 from lmforge.text import plural
@@ -40,6 +41,21 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> Config:
     if cfg.context_length:
         overrides["context_length"] = cfg.context_length
     return Config.from_name(cfg.preset, **overrides)
+
+
+def continued(cfg: TrainConfig, tokenizer: object) -> GPT:
+    """The model --init-from names, to pretrain further on this data: its shape is kept (no
+    preset, no overrides), and the data must have been prepared with its tokenizer."""
+    if cfg.model or cfg.context_length:
+        raise LmforgeError("--init-from continues a model as it is: drop --set and --context-length (its shape is kept)")
+    model = load(cfg.init_from)
+    if model.score is not None:
+        raise LmforgeError(f"--init-from {cfg.init_from} is a classifier; continue pretraining a language model")
+    ours, theirs = getattr(model.tokenizer, "fingerprint", None), getattr(tokenizer, "fingerprint", None)
+    if ours is None or ours != theirs:
+        raise LmforgeError(f"--init-from {cfg.init_from} reads text with another tokenizer than {cfg.data} was prepared with; "
+                           f"prepare the data with its tokenizer: lmforge data prepare --tokenizer {cfg.init_from} ...")
+    return model
 
 
 def budget_steps(cfg: TrainConfig, context_length: int, world_size: int) -> int:
@@ -84,13 +100,17 @@ def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, 
     say = info.main_only(say)
     data = TokenData.open(cfg.data)
     tokenizer = data.tokenizer()
-    config = model_config(cfg, data.vocab_size)
+    asked, by_time = cfg, cfg.sized_by_time
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if cfg.init_from:
+        model = continued(cfg, tokenizer)
+        config = model.config
+    else:
+        config = model_config(cfg, data.vocab_size)
+        model = GPT(config)
     data.check_ids(config.vocab_size)
     check_training_fits(config, cfg.batch_size, config.context_length, cfg.gradient_checkpointing, available_memory(info.device))
     ctx = config.context_length
-    asked, by_time = cfg, cfg.sized_by_time
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(config)
     steps = steps_within(model, cfg, info.device, cfg.time_limit) if by_time else budget_steps(cfg, ctx, info.world_size)
     cfg = dataclasses.replace(cfg, max_steps=steps)
     train = windows(data, "train", ctx, cfg, cfg.seed, info)
@@ -103,7 +123,7 @@ def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, 
         return (val.batch(i) for i in range(cfg.eval_batches))
 
     say(
-        f"model: {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters ({plural(config.n_layer, 'layer')}, width {config.n_embd}, "
+        f"model: {cfg.init_from + ' (continued)' if cfg.init_from else cfg.preset}, {model.num_params() / 1e6:.2f}M parameters ({plural(config.n_layer, 'layer')}, width {config.n_embd}, "
         f"context {ctx}, vocabulary {config.vocab_size:,}); data: {data.num_tokens('train'):,} train / "
         f"{data.num_tokens('val'):,} val tokens"
     )

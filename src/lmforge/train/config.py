@@ -34,6 +34,7 @@ class TrainConfig:
     data: str = ""  # folder from `lmforge data prepare`
     out: str = "runs/pretrain"  # run folder: checkpoints/, metrics.jsonl, loss.png
     preset: str = "micro"  # model preset (`lmforge estimate --preset NAME` shows its size)
+    init_from: str = ""  # continue pretraining this model (its shape, weights and tokenizer) instead of a fresh preset
     model: dict[str, Any] = field(default_factory=dict)  # preset overrides, e.g. {"n_layer": 4}
     context_length: int = 0  # 0: the preset's
     batch_size: int = 8  # windows per micro-batch per process
@@ -68,7 +69,7 @@ class TrainConfig:
 
     # The settings that decide the model a run trains: a checkpoint resumes only under the
     # same ones (the trainer compares them). A recipe's subclass adds its own.
-    model_settings: ClassVar[tuple[str, ...]] = ("preset", "model", "context_length")
+    model_settings: ClassVar[tuple[str, ...]] = ("preset", "model", "context_length", "init_from")
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the flag (= the TOML key) and what it takes."""

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -55,6 +55,15 @@ Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor]
 # what a validation loss also means for a recipe, by name (e.g. {"ppl": ..., "bpb": ...})
 ValMetrics = Callable[[float], dict[str, float]]
+
+
+class Stateful(Protocol):
+    """What a recipe keeps across steps beyond the weights (PPO's adaptive KL coefficient,
+    its running reward statistics): saved as JSON in every checkpoint, restored on resume."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 METRIC_NAMES = {"ppl": "perplexity", "bpb": "bits per byte"}
 PROGRESS_EVERY = 30.0  # seconds between progress lines when there is no progress bar (logs, CI, nohup)
 
@@ -153,6 +162,8 @@ class Trainer:
         read_model: Callable[[Path], object] | None = None,
         val_metrics: ValMetrics | None = None,
         fit_to_time: bool = False,
+        extra_state: Stateful | None = None,
+        log_extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """`write_model(folder)` / `read_model(folder)` replace the full weights in each
         checkpoint's model folder: a run that trains adapters over a frozen base saves
@@ -163,7 +174,11 @@ class Trainer:
         run's length; the step count is re-estimated from the measured pace as the run
         goes (`_fit_to_time`), so the cosine ends on time however loaded the machine is.
         Such a run's schedule depends on its speed, so it is not bit-reproducible; a
-        resumed one finishes the steps its checkpoint planned."""
+        resumed one finishes the steps its checkpoint planned.
+
+        `extra_state` is the recipe's own state, checkpointed and restored with the
+        trainer's; `log_extra()` adds the recipe's figures to each training record of
+        metrics.jsonl."""
         cfg.validate()
         if (write_model is None) != (read_model is None):
             raise LmforgeError("give the trainer both write_model and read_model, or neither")
@@ -175,6 +190,7 @@ class Trainer:
         self.cfg, self.info, self.tokenizer = cfg, info, tokenizer
         self.batch, self.eval_batches, self.loss_fn, self.val_metrics = batch, eval_batches, loss_fn, val_metrics
         self.max_steps, self.fit_to_time = cfg.max_steps, fit_to_time
+        self.extra_state, self.log_extra = extra_state, log_extra
         self._warmup_warned = False
         self.say = info.main_only(say)
         self.progress = progress and info.is_main
@@ -207,6 +223,8 @@ class Trainer:
     def _trainer_state(self) -> dict:
         state = {"step": self.step, "draws": self.draws, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
                  "max_steps": self.max_steps, "config": self.cfg.to_dict()}
+        if self.extra_state is not None:
+            state["extra"] = self.extra_state.state_dict()
         fingerprint = getattr(self.tokenizer, "fingerprint", None)
         if isinstance(fingerprint, str):  # what a resume checks its data against
             state["tokenizer"] = {"name": getattr(self.tokenizer, "name", ""), "fingerprint": fingerprint}
@@ -312,6 +330,10 @@ class Trainer:
         self.draws = int(ckpt.trainer_state.get("draws", self.step))
         self.skipped = int(ckpt.trainer_state.get("skipped_steps", 0))
         self.tokens_seen = int(ckpt.trainer_state.get("tokens_seen", 0))
+        if self.extra_state is not None:
+            if "extra" not in ckpt.trainer_state:
+                raise LmforgeError(f"{path} holds no state of this recipe (another kind of run wrote it); resume a run of this recipe")
+            self.extra_state.load_state_dict(ckpt.trainer_state["extra"])
         self.last_checkpoint = path
         if ckpt.val_loss is not None:
             self.last_val = (self.step, float(ckpt.val_loss))
@@ -480,6 +502,8 @@ class Trainer:
                     window_tokens, window_start = 0, time.monotonic()
                     record = {"step": self.step, "split": "train", "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                               "grad_norm": float(grad_norm), "tokens": self.tokens_seen, "tokens_per_s": rate}
+                    if self.log_extra is not None:
+                        record.update(self.log_extra())
                     log.write(record)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rate:,.0f}")
                 if not self.progress and info.is_main and time.monotonic() >= next_line:

@@ -137,3 +137,35 @@ def _draw(ax: Any, train: list[tuple[int, float]], val: list[tuple[int, float]])
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def plot_panels(records: list[dict[str, Any]], path: Path, panels: list[tuple[str, list[str]]], x: str = "step") -> None:
+    """One small chart per (title, keys) of `panels`, each key's values in the training
+    records against `x`: the figures a run logs beside its loss (PPO's score, KL, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("split") == "train" and x in r]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=110, squeeze=False)
+    try:
+        for ax, (title, keys) in zip(axes.flat, panels):
+            for key in keys:
+                points = [(r[x], r[key]) for r in train if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+                if points:
+                    ax.plot(*zip(*points), linewidth=1.5, label=key)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(x)
+            ax.grid(alpha=0.3)
+            if len(keys) > 1:
+                ax.legend(fontsize=8)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
