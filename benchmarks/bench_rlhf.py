@@ -42,7 +42,7 @@ from lmforge.cli import main as lmforge
 from lmforge.data.labeled import balanced_split, read_labeled
 from lmforge.engine import Engine, SamplingParams
 from lmforge.interop.hf import config_to_hf, state_dict_to_hf
-from lmforge.loading import load
+from lmforge.loading import load, resolve_model_path
 from lmforge.recipes import ppo
 from lmforge.recipes.classify import label_probabilities
 from lmforge.recipes.config import RLConfig
@@ -87,14 +87,13 @@ def write_inputs(out: Path) -> None:
 
 
 def timed(seconds: dict[str, float], name: str, done: Path, fn) -> None:  # noqa: ANN001
+    """Run `fn` unless `done` exists, recording its seconds under `name` (kept in seconds.json)."""
     if done.exists():
         return
     start = time.monotonic()
     fn()
     seconds[name] = time.monotonic() - start
-    timings = done.parent / "seconds.json" if done.parent.is_dir() else None
-    if timings is not None:
-        timings.write_text(json.dumps(seconds, indent=1) + "\n")
+    (done.parent / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
 
 
 def rl(args: argparse.Namespace, name: str, **kw) -> dict:  # noqa: ANN003
@@ -102,8 +101,8 @@ def rl(args: argparse.Namespace, name: str, **kw) -> dict:  # noqa: ANN003
     if (folder / "metrics.json").is_file():
         return json.loads((folder / "metrics.json").read_text())
     settings = dict(base=str(Path(args.out) / "reviews-base"), reward=str(Path(args.out) / "sentiment-rm"), reward_label="1",
-                    prompts=str(Path(args.out) / "prompts.txt"), out=str(folder), iterations=args.iterations, rollout_batch=16,
-                    rollout_tokens=args.rollout_tokens, batch_size=8, ppo_epochs=2, lr=args.lr, min_lr=args.lr,
+                    prompts=str(Path(args.out) / "prompts.txt"), out=str(folder), iterations=args.iterations, rollout_batch=32,
+                    rollout_tokens=args.rollout_tokens, rollout_temperature=args.temperature, batch_size=8, ppo_epochs=2, lr=args.lr, min_lr=args.lr,
                     kl_coef=args.kl_coef, eval_examples=0, held_out_every=args.held_out_every, seed=0)
     started = time.monotonic()
     metrics = ppo.run(RLConfig(**{**settings, **kw}), say=lambda m: print(f"  [{name}] {m}", flush=True), progress=False).metrics
@@ -164,12 +163,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="where the runs go (reused when finished)")
     parser.add_argument("--only", nargs="+", default=["pipeline", "judge", "algos", "polite", "speed"])
     parser.add_argument("--continue-steps", type=int, default=150, help="steps of pretraining on the reviews (x 16 x 256 tokens)")
-    parser.add_argument("--rm-steps", type=int, default=150, help="sentiment classifier steps (x 16 reviews, 128 tokens)")
-    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--rm-steps", type=int, default=450, help="sentiment classifier steps (x 16 reviews, 128 tokens)")
+    parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--rollout-tokens", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--kl-coef", type=float, default=0.05)
-    parser.add_argument("--held-out-every", type=int, default=10)
+    parser.add_argument("--held-out-every", type=int, default=5)
     parser.add_argument("--sft", default="", help="the SFT model of the alignment figures (polite)")
     parser.add_argument("--polite-reward", default="", help="the polite/impolite reward model (polite)")
     parser.add_argument("--dpo", default="", help="a DPO run from the same SFT model, for its win rate (polite)")
@@ -185,14 +185,16 @@ def main() -> None:
 
     if "pipeline" in args.only:
         timed(seconds, "prepare the reviews", out / "reviews-data", lambda: run_cli(
-            "data", "prepare", "--input", out / "reviews.jsonl", "--tokenizer", args.base, "--out", out / "reviews-data"))
+            "data", "prepare", "--input", out / "reviews.jsonl", "--tokenizer", resolve_model_path(args.base),
+            "--out", out / "reviews-data"))
         timed(seconds, "pretrain further on the reviews", out / "reviews-base", lambda: run_cli(
             "pretrain", "--init-from", args.base, "--data", out / "reviews-data", "--max-steps", args.continue_steps,
             "--batch-size", 16, "--lr", 5e-4, "--min-lr", 5e-5, "--warmup-steps", 10, "--eval-every", 0, "--save-every", 0,
             "--sample-tokens", 0, "--out", out / "reviews-base"))
         timed(seconds, "sentiment reward model", out / "sentiment-rm", lambda: run_cli(
             "finetune", "classify", "--base", out / "reviews-base", "--data", IMDB, "--max-steps", args.rm_steps,
-            "--batch-size", 16, "--max-length", 128, "--lr", 1e-4, "--eval-every", 0, "--out", out / "sentiment-rm"))
+            "--batch-size", 16, "--max-length", 128, "--lr", 1e-4, "--eval-every", 0, "--eval-examples", 0,
+            "--out", out / "sentiment-rm"))
         m = rl(args, "ppo")
         seconds.setdefault("PPO", m["seconds"])
         seconds_file.write_text(json.dumps(seconds, indent=1) + "\n")
@@ -208,12 +210,13 @@ def main() -> None:
     runs = {"ppo": out / "ppo"}
     if "algos" in args.only:
         for algo in ("rloo", "grpo"):
-            rl(args, algo, algo=algo, rollout_batch=4, samples=4)
+            rl(args, algo, algo=algo, rollout_batch=8, samples=4)
             runs[algo] = out / algo
     if "judge" in args.only or "algos" in args.only:
         timed(seconds, "judge", out / "judge", lambda: run_cli(
-            "finetune", "classify", "--base", out / "reviews-base", "--data", out / "judge.jsonl", "--max-steps", 150,
-            "--batch-size", 16, "--max-length", 64, "--lr", 1e-4, "--eval-every", 0, "--out", out / "judge"))
+            "finetune", "classify", "--base", out / "reviews-base", "--data", out / "judge.jsonl", "--max-steps", 300,
+            "--batch-size", 16, "--max-length", 64, "--lr", 1e-4, "--eval-every", 0, "--eval-examples", 0,
+            "--out", out / "judge"))
         judge = load(out / "judge")
         acc = json.loads((out / "judge" / "metrics.json").read_text())["splits"]["test"]["after"]["accuracy"]
         print(f"\njudge (UCI sentences only): test accuracy {acc:.3f}")

@@ -77,6 +77,23 @@ def test_weight_decay_only_on_linear_matrices(preset):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def test_a_module_with_an_lr_scale_learns_at_that_multiple_of_the_schedule(data_dir, tmp_path):
+    """PPO's value head: a module's `lr_scale` gives its parameters groups of their own,
+    decayed as any others, which the trainer steps at lr x scale every step."""
+    model = GPT(Config.from_name("nano", n_layer=1, n_embd=32, n_head=2, n_kv_head=1, vocab_size=50, context_length=8))
+    model.lm_head.lr_scale = 10.0  # (tied: the head is the embedding table, whose one Parameter moves group)
+    groups = param_groups(model, 0.1)
+    scaled = [g for g in groups if g.get("lr_scale") == 10.0]
+    assert scaled and {id(p) for g in scaled for p in g["params"]} == {id(model.lm_head.weight)}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    trainer, _ = fit(tiny_cfg(data_dir, tmp_path / "run", max_steps=3, warmup_steps=0, sample_tokens=0))
+    trainer.model.norm_f.lr_scale = 4.0
+    trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, 0.1), lr=1.0)
+    trainer._train_step()
+    lrs = {g.get("lr_scale", 1.0): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs[4.0] == pytest.approx(4 * lrs[1.0]) and lrs[1.0] > 0
+
+
 def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     file = tmp_path / "run.toml"
     file.write_text('data = "d"\nlr = 0.01\nmax_steps = 5\n[model]\nn_layer = 3\n')

@@ -207,9 +207,10 @@ class RLConfig(AlignConfig):
     batch_size: int = 8  # responses per minibatch (one optimizer step)
     clip_range: float = 0.2  # PPO: how far pi / pi_old may move per iteration before the surrogate clips
     value_clip: float = 0.2  # PPO: how far a value may move from the rollout's before its loss clips
-    vf_coef: float = 0.1  # PPO: the value loss's weight (the value head shares the policy's trunk)
+    vf_coef: float = 0.1  # PPO: the value loss's weight
+    value_lr: float = 1e-3  # PPO: the value head's learning rate (a linear head on the trunk's features, from zero)
     gamma: float = 1.0  # PPO: discount over response tokens
-    lam: float = 0.95  # PPO: GAE's lambda (1: Monte-Carlo returns, 0: one-step TD)
+    lam: float = 1.0  # PPO: GAE's lambda (1: Monte-Carlo returns, the value a baseline only; < 1 leans on the values)
     entropy_coef: float = 0.0  # weight of an entropy bonus; 0: none
     kl_coef: float = 0.05  # the KL penalty's weight per token (the start value when --target-kl is set)
     kl_estimator: str = "k1"  # k1 (log pi - log ref) | k3 ((r - 1) - log r: never negative)
@@ -248,6 +249,8 @@ class RLConfig(AlignConfig):
                                f"responses per prompt to compare, got {self.samples}")
         if self.rollout_temperature <= 0:
             raise LmforgeError("--rollout-temperature must be above 0: PPO learns from sampled responses")
+        if not (math.isfinite(self.value_lr) and self.value_lr > 0):
+            raise LmforgeError(f"--value-lr must be a positive learning rate, got {self.value_lr}")
         for name in ("clip_range", "value_clip", "vf_coef", "entropy_coef", "kl_coef", "target_kl", "missing_eos_penalty",
                      "reward_clip", "stop_kl"):
             value = getattr(self, name)

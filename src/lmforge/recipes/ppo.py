@@ -8,7 +8,9 @@ a KL penalty to the reference (the starting policy: adapters off under LoRA, els
 frozen copy). Then `ppo_epochs` passes over the responses in shuffled minibatches, one
 `Trainer` step each, on the pure functions of `align.rl`:
 
-- ppo: a value head on the policy's trunk (`align.actor_critic` says why), GAE, whitened
+- ppo: a value head on the policy's trunk (`align.actor_critic` says why), GAE (lambda 1
+  by default: with lambda < 1 the credit leans on a critic that starts at zero, and early
+  on that favours ending a response early, measured on the sentiment task), whitened
   advantages, the clipped surrogate and the clipped value loss;
 - rloo / grpo: k responses per prompt, each against the others of its prompt (leave-one-out
   mean, or the group's mean and std), no values; the same clipped surrogate and KL penalty.
@@ -450,6 +452,7 @@ def run(cfg: RLConfig, say: Callable[[str], None] = print, progress: bool = True
         report = set_trainable(policy, cfg, say)
         policy.to(info.device)
         model = ActorCritic(policy)
+        model.value_head.lr_scale = cfg.value_lr / cfg.lr  # the optimizer gives the head a group of its own
         say(str(report) + (" + a value head" if cfg.algo == "ppo" else ""))
         reference = Reference(policy, frozen_reference(cfg, policy))
         rows = eval_rows(len(prompts.test), cfg.eval_examples)

@@ -415,7 +415,7 @@ class Trainer:
         torch.manual_seed(step_seed(cfg.seed, self.info.rank, draw))
         lr = lr_at(self.step, **_schedule(cfg, self.max_steps))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             x, y = to_device(self.batch(draw, micro), self.device)

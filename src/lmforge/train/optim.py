@@ -14,17 +14,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Weight decay pulls weights toward zero; that regularises the projections but only
     distorts norm gains (their natural value is 1), biases and embedding rows (a rare
     token's row would shrink every step it is not seen). A tied head is the embedding,
-    so it is not decayed either.
+    so it is not decayed either. Parameters of a module with an `lr_scale` attribute get
+    a group of their own, which the trainer steps at that multiple of the scheduled rate.
     """
     # matrices owned by a Linear: its weight, and a LoRA layer's A and B (a Linear subclass)
     linear_weights = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False) if p.dim() >= 2}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    # a module may learn at a multiple of the run's rate (`module.lr_scale`: PPO's value head)
+    scales = {id(p): float(m.lr_scale) for m in model.modules() if hasattr(m, "lr_scale") for p in m.parameters()}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for p in model.parameters():  # each shared Parameter once
         if not p.requires_grad:
             continue
-        (decay if id(p) in linear_weights and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = id(p) in linear_weights and id(p) not in embeddings
+        groups.setdefault((decayed, scales.get(id(p), 1.0)), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, **({"lr_scale": scale} if scale != 1.0 else {})}
+            for (decayed, scale), params in groups.items()]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
