@@ -53,6 +53,7 @@ ALLOW_ZERO: dict[tuple[str, str, str], str] = {
     ("*", "--quantize", "empty"): "'' is FinetuneConfig's value for 'no quantization'",
     ("*", "--replay", "empty"): "'' is FinetuneConfig's value for 'no replay'",
     ("pretrain", "--device", "empty"): "'' is TrainConfig's value for 'pick the device'",
+    ("pretrain", "--init-from", "empty"): "'' is the default: a fresh model from the preset",
     ("finetune classify", "--device", "empty"): "'' is TrainConfig's value for 'pick the device'",
     ("finetune instruct", "--device", "empty"): "'' is TrainConfig's value for 'pick the device'",
     ("tokenizer train", "--input", "file"): "any text file is a corpus",

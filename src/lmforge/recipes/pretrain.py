@@ -101,15 +101,14 @@ def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, 
     data = TokenData.open(cfg.data)
     tokenizer = data.tokenizer()
     asked, by_time = cfg, cfg.sized_by_time
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if cfg.init_from:
-        model = continued(cfg, tokenizer)
-        config = model.config
-    else:
-        config = model_config(cfg, data.vocab_size)
-        model = GPT(config)
+    model = continued(cfg, tokenizer) if cfg.init_from else None
+    config = model.config if model is not None else model_config(cfg, data.vocab_size)
     data.check_ids(config.vocab_size)
+    # before a fresh model is built: one too large for this machine fails now, with the numbers
     check_training_fits(config, cfg.batch_size, config.context_length, cfg.gradient_checkpointing, available_memory(info.device))
+    if model is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = GPT(config)
     ctx = config.context_length
     steps = steps_within(model, cfg, info.device, cfg.time_limit) if by_time else budget_steps(cfg, ctx, info.world_size)
     cfg = dataclasses.replace(cfg, max_steps=steps)
