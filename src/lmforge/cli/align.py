@@ -99,8 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         _align(_ppo_run, "ppo", RLConfig),
         examples="""
         lmforge align ppo --policy runs/instruct --reward runs/rm --prompts data/instruction-data-with-preference.json --out runs/ppo
-        lmforge align ppo --policy runs/reviews --reward runs/sentiment --reward-label 1 --prompts prompts.txt --lora-r 16 \\
-          --lr 1e-4 --iterations 60 --out runs/ppo-sentiment
+        lmforge align ppo --policy runs/reviews --reward runs/sentiment --reward-label 1 --prompts prompts.txt \\
+          --iterations 20 --rollout-tokens 32 --held-out-every 5 --out runs/ppo-sentiment
         lmforge align ppo --algo rloo --samples 4 --policy runs/instruct --reward runs/rm --prompts pairs.json --out runs/rloo
         """,
         description="""
