@@ -20,19 +20,10 @@ PROMPT_SPLIT_SEED = 123
 HELD_OUT_FRACTION = 0.1
 
 
-def is_prompt_file(path: str | Path) -> bool:
-    """Whether `path` holds plain prompts (a .txt file, or rows with "prompt" and no
-    "chosen"), not preference pairs."""
-    path = Path(path)
-    if path.suffix.lower() == ".txt":
-        return True
-    rows = read_records(path)
-    first = rows[0] if rows else None
-    return isinstance(first, dict) and "prompt" in first and "chosen" not in first
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Every prompt of `path`, in file order; an empty prompt is an error naming its row."""
+def read_prompts(path: str | Path) -> list[str] | None:
+    """Every prompt of `path`, in file order, or None when its rows are preference pairs
+    (a "chosen" beside the prompt, or no "prompt": `recipes.preference.read_pairs` reads
+    those). An empty prompt is an error naming its row."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         kind = file_kind(path)
@@ -44,8 +35,12 @@ def read_prompts(path: str | Path) -> list[str]:
             raise LmforgeError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8") from None
         prompts = [line for line in text.split("\n") if line.strip()]
     else:
+        rows = read_records(path, "prompts")
+        first = rows[0]
+        if not (isinstance(first, dict) and "prompt" in first and "chosen" not in first):
+            return None
         prompts = []
-        for i, row in enumerate(read_records(path, "prompts")):
+        for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise LmforgeError(f"{path}, row {i}: expected a JSON object with a \"prompt\", got {type(row).__name__}")
             prompt = string_field(row, "prompt", f"{path}, row {i}")

@@ -37,8 +37,7 @@ def token_logprobs_entropy(
     and that distribution's entropy at each target's position; both 0.0 where ignored.
     What PPO needs: the log-prob of each sampled token exactly as sampled, and the entropy
     it logs (or rewards)."""
-    logps, entropy = _blockwise(head, h, targets, ignore_index, temperature, entropy=True)
-    return logps, entropy
+    return _blockwise(head, h, targets, ignore_index, temperature, entropy=True)  # type: ignore[return-value]
 
 
 def _blockwise(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float, *,

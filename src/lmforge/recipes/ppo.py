@@ -56,20 +56,27 @@ from lmforge.align.rl import (
     value_loss,
     whiten,
 )
-from lmforge.data.prompts import is_prompt_file, read_prompts, split_prompts
+from lmforge.data.prompts import read_prompts, split_prompts
 from lmforge.engine import Engine, SamplingParams
 from lmforge.errors import LmforgeError
 from lmforge.finetune.adapter import load_adapter, save_adapter
 from lmforge.io import atomic_write_text
 from lmforge.loading import load, resolve_model_path
 from lmforge.model import GPT
-from lmforge.ops.logprobs import token_logprobs_entropy
 from lmforge.ops.loss import IGNORE_INDEX
 from lmforge.recipes.classify import label_probabilities
 from lmforge.recipes.common import check_run_folder, eval_rows, load_base, own_run_folder, set_trainable, start_run, write_metrics
 from lmforge.recipes.config import RLConfig
 from lmforge.recipes.instruct import respond
-from lmforge.recipes.preference import AlignResult, Reference, check_same_tokenizer, frozen_reference, kl_to_reference, read_pairs
+from lmforge.recipes.preference import (
+    AlignResult,
+    Reference,
+    check_same_tokenizer,
+    frozen_reference,
+    kl_to_reference,
+    logprobs_at,
+    read_pairs,
+)
 from lmforge.recipes.reward import is_reward_model, score_rendered
 from lmforge.text import plural
 from lmforge.tokenizer.templates import template_named
@@ -137,8 +144,9 @@ class Prompts:
 def read_prompt_sets(path: str, template: str, say: Callable[[str], None]) -> Prompts:
     """Plain prompts (`data.prompts`: 90/10) or the prompts of a preference-pairs file
     (rendered; its training split samples, its test split is held out)."""
-    if is_prompt_file(path):
-        split = split_prompts(read_prompts(path))
+    plain = read_prompts(path)
+    if plain is not None:
+        split = split_prompts(plain)
         say(f"prompts: {plural(len(split['train']) + len(split['test']), 'plain prompt')} (no template); "
             f"train {len(split['train']):,}, held out {len(split['test']):,}")
         return Prompts(split["train"], split["test"], "none", ())
@@ -169,12 +177,16 @@ class Rollout:
     def prompt_columns(self) -> int:
         return self.ids.size(1) - self.mask.size(1)
 
+    def __post_init__(self) -> None:
+        # the next-token targets of the input columns (N, P + R - 1): made once, read by every minibatch
+        P = self.prompt_columns
+        self._targets = torch.full((self.ids.size(0), self.ids.size(1) - 1), IGNORE_INDEX, dtype=torch.long,
+                                   device=self.ids.device)
+        self._targets[:, P - 1 :] = self.ids[:, P:].masked_fill(self.mask == 0, IGNORE_INDEX)
+
     def targets(self) -> torch.Tensor:
         """Next-token targets of the input columns (N, P + R - 1): the response tokens, IGNORE elsewhere."""
-        P = self.prompt_columns
-        t = torch.full((self.ids.size(0), self.ids.size(1) - 1), IGNORE_INDEX, dtype=torch.long, device=self.ids.device)
-        t[:, P - 1 :] = self.ids[:, P:].masked_fill(self.mask == 0, IGNORE_INDEX)
-        return t
+        return self._targets
 
     def save(self, path: Path) -> None:
         tensors = {f.name: getattr(self, f.name).contiguous().cpu() for f in dataclasses.fields(self) if f.name != "iteration"}
@@ -190,11 +202,8 @@ class Rollout:
 def sampled_logprobs(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """log pi(target) at `temperature` (N, T - 1) of a plain GPT (the reference), in no-grad chunks."""
-    out = []
-    for s in range(0, ids.size(0), FORWARD_BATCH):
-        h = model.hidden_states(ids[s : s + FORWARD_BATCH, :-1], attention_mask=attention_mask[s : s + FORWARD_BATCH, :-1])
-        out.append(token_logprobs_entropy(model.lm_head, h, targets[s : s + FORWARD_BATCH], temperature)[0])
-    return torch.cat(out)
+    return torch.cat([logprobs_at(model, ids[s : s + FORWARD_BATCH, :-1], targets[s : s + FORWARD_BATCH], temperature,
+                                  attention_mask[s : s + FORWARD_BATCH, :-1]) for s in range(0, ids.size(0), FORWARD_BATCH)])
 
 
 class RL:
@@ -418,7 +427,8 @@ def measure(policy: GPT, reference: Reference | None, reward: ScoreFn, prompts: 
     return figures, answers
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def _answers(path: Path) -> list[dict]:
+    """A held-out measure's answers as written (none when no prompt fit the context)."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -496,7 +506,7 @@ def run(cfg: RLConfig, say: Callable[[str], None] = print, progress: bool = True
             raise LmforgeError(f"{e}. Stopped; the last good checkpoint is {kept}") from None
         iterations = result.step // spi
         after = held_out(iterations)
-        before_answers, after_answers = (read_jsonl(out / HELD_OUT_FOLDER / f"iteration-{k}.jsonl") for k in (0, iterations))
+        before_answers, after_answers = (_answers(out / HELD_OUT_FOLDER / f"iteration-{k}.jsonl") for k in (0, iterations))
         lines = [json.dumps({"prompt": a["prompt"], "before": a["response"], "after": b["response"],
                              "score_before": a["score"], "score_after": b["score"]}, ensure_ascii=False)
                  for a, b in zip(before_answers, after_answers, strict=True)]

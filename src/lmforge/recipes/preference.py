@@ -336,16 +336,17 @@ def kl_to_reference(policy: GPT, reference: Reference, prompts: Sequence[str], s
         chunk = rows[start : start + EVAL_BATCH]
         x, y = (t.to(policy.device) for t in pad_pairs(chunk, tok.eot_id))
         with evaluating(policy):
-            pi = _logprobs(policy, x, y, temperature).sum(-1)
+            pi = logprobs_at(policy, x, y, temperature).sum(-1)
         with reference.model() as ref:
-            total += float((pi - _logprobs(ref, x, y, temperature).sum(-1)).sum())
+            total += float((pi - logprobs_at(ref, x, y, temperature).sum(-1)).sum())
     return total / len(rows)
 
 
-def _logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature == 1.0:
-        return model(x, y, logprobs=True)
-    return token_logprobs_entropy(model.lm_head, model.hidden_states(x), y, temperature)[0]
+def logprobs_at(model: GPT, x: torch.Tensor, y: torch.Tensor, temperature: float,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature)[y] (B, T) of `model`: the sampled tokens' log-probs
+    under the distribution the sampler drew from; 0 where y is IGNORE_INDEX."""
+    return token_logprobs_entropy(model.lm_head, model.hidden_states(x, attention_mask=attention_mask), y, temperature)[0]
 
 
 def frozen_reference(cfg: AlignConfig, policy: GPT) -> GPT | None:
