@@ -103,7 +103,7 @@ def rl(args: argparse.Namespace, name: str, **kw) -> dict:  # noqa: ANN003
     settings = dict(base=str(Path(args.out) / "reviews-base"), reward=str(Path(args.out) / "sentiment-rm"), reward_label="1",
                     prompts=str(Path(args.out) / "prompts.txt"), out=str(folder), iterations=args.iterations, rollout_batch=32,
                     rollout_tokens=args.rollout_tokens, rollout_temperature=args.temperature, batch_size=8, ppo_epochs=2, lr=args.lr, min_lr=args.lr,
-                    kl_coef=args.kl_coef, eval_examples=0, held_out_every=args.held_out_every, seed=0)
+                    kl_coef=args.kl_coef, eval_examples=0, held_out_every=args.held_out_every, seed=args.seed)
     started = time.monotonic()
     metrics = ppo.run(RLConfig(**{**settings, **kw}), say=lambda m: print(f"  [{name}] {m}", flush=True), progress=False).metrics
     metrics["seconds"] = time.monotonic() - started
@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--held-out-every", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="the RL runs' seed (prompt order, rollouts, minibatches; the held-out prompts stay the same)")
     parser.add_argument("--sft", default="", help="the SFT model of the alignment figures (polite)")
     parser.add_argument("--polite-reward", default="", help="the polite/impolite reward model (polite)")
     parser.add_argument("--dpo", default="", help="a DPO run from the same SFT model, for its win rate (polite)")
@@ -282,7 +283,7 @@ def speed(out: Path) -> None:
     with torch.inference_mode():
         t = best_of({"ours": lambda: engine.generate(prompts, max_new_tokens=new, sampling=sampling, seed=0),
                      "hf": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
-                                               temperature=1.0, top_k=0, pad_token_id=0)}, 3)
+                                               temperature=1.0, top_k=0, pad_token_id=0)}, 5)
     n = len(prompts) * new
     print(f"\nrollout generation: {len(prompts)} prompts x {new} new tokens, temperature 1, "
           f"{policy.num_params() / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")

@@ -86,6 +86,13 @@ BASES: dict[str, Base] = {
                        "--rollout-batch", "2", "--batch-size", "2", "--rollout-tokens", "2", "--eval-examples", "1",
                        "--device", "cpu", "--out", "{ws}/out/ppo")),
     "reward": Base(("--model", "{fx}/rm", "--prompt", "Name a color.", "--response", "Red.", "--device", "cpu")),
+    "compare": Base(("{fx}/runs/a", "{fx}/runs/b", "--x", "tokens", "--metric", "loss", "--out", "{ws}/out/compare.png")),
+    "eval judge": Base(("{fx}/responses-a.jsonl", "{fx}/responses-b.jsonl", "--reward-model", "{fx}/rm", "--device", "cpu",
+                        "--out", "{ws}/out/judge.json")),
+    "eval": Base(("--model", "{fx}/model", "--tasks", "arc_easy,winogrande,lambada_openai", "--data-dir", str(SHARED / "eval"),
+                  "--limit", "2", "--num-fewshot", "1", "--batch-size", "4", "--seed", "3", "--bootstrap-iters", "100",
+                  "--text", "{fx}/books/the-verdict.txt", "--stride", "128", "--log-samples", "--device", "cpu",
+                  "--out", "{ws}/out/eval.json")),
 }
 
 
@@ -94,9 +101,9 @@ BASES: dict[str, Base] = {
 LORA = ([("--lora-r", "2")], ())
 ALIGN_COMMANDS = ("align reward", "align dpo", "align orpo", "align iterative-dpo", "align ppo")
 NEEDS: dict[tuple[str, str], tuple[list[tuple[str, str]], tuple[str, ...]]] = {
-    **{(cmd, flag): LORA for cmd in ("finetune classify", "finetune instruct", *ALIGN_COMMANDS)
+    **{(cmd, flag): LORA for cmd in ("finetune classify", "finetune instruct")
        for flag in ("--lora-alpha", "--lora-dropout", "--lora-targets", "--quantize")},
-    **{(cmd, "--epochs"): ([], ("--max-steps",)) for cmd in ("finetune classify", "finetune instruct", *ALIGN_COMMANDS[:-1])},
+    **{(cmd, "--epochs"): ([], ("--max-steps",)) for cmd in ("finetune classify", "finetune instruct")},
     # --max-steps wins over --epochs
     ("pretrain", "--max-tokens"): ([], ("--max-steps",)),  # --max-steps wins over --max-tokens
     ("convert", "--tokenizer"): ([("--from-llama2c", "{fx}/llama2c/stories260K.bin")], ()),  # only read with --from-llama2c
@@ -104,10 +111,11 @@ NEEDS: dict[tuple[str, str], tuple[list[tuple[str, str]], tuple[str, ...]]] = {
 
 
 def leaf_parsers(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, argparse.ArgumentParser]]:
-    """("tokenizer train", its parser), ... for every command that runs something."""
+    """("tokenizer train", its parser), ... for every command that runs something (`eval` and `eval judge` both do)."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
+    if not subs or not subs[0].required:  # runs by itself (`eval`), even when it also has subcommands (`eval judge`)
         yield " ".join(prefix), parser
+    if not subs:
         return
     for name, sub in subs[0].choices.items():
         yield from leaf_parsers(sub, (*prefix, name))
@@ -214,12 +222,26 @@ class Case:
     kind: str = ""
 
 
+# The align recipes share their training flags (--lr, --warmup-steps, --lora-r, ...) with
+# `finetune instruct`: the same parser code (cli/flags.py) and the same config checks. Those
+# flags are probed once, there; each align command is probed on its own flags only.
+COVERED_BY = {command: "finetune instruct" for command in ALIGN_COMMANDS}
+
+
+def _same_option(a: argparse.Action, b: argparse.Action) -> bool:
+    return (a.option_strings, a.type, a.choices, a.nargs) == (b.option_strings, b.type, b.choices, b.nargs)
+
+
 def generated_cases(parser: argparse.ArgumentParser) -> list[Case]:
     cases = []
-    for command, sub in leaf_parsers(parser):
+    parsers = dict(leaf_parsers(parser))
+    for command, sub in parsers.items():
         base = BASES.get(command)
+        covering = parsers[COVERED_BY[command]]._actions if command in COVERED_BY else []
         for action in sub._actions:
             if not isinstance(action, VALUE_ACTIONS) or action.nargs == 0:
+                continue
+            if any(_same_option(action, other) for other in covering):
                 continue
             kind = value_kind(action)
             for bad, value in BAD_VALUES[kind].items():
@@ -355,7 +377,24 @@ def build_fixtures(root: Path) -> Path:
     pairs = [it for it in json.loads(PREFERENCES.read_text(encoding="utf-8")) if it["chosen"] != it["rejected"]]
     pairs = sorted(pairs, key=lambda it: len(json.dumps(it)))[:24]  # split in order 20 / 2 / 2
     (fx / "prefs.json").write_text(json.dumps(pairs, indent=1), encoding="utf-8")
+    _write_runs_and_responses(fx)
     return fx
+
+
+def _write_runs_and_responses(fx: Path) -> None:
+    """Two finished runs' metrics.jsonl and run.json (for `compare`) and two responses files
+    answering the same prompts (for `eval judge`), written as the recipes write them."""
+    for name, lr in (("a", 1e-3), ("b", 3e-3)):
+        run = fx / "runs" / name
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"data": "data", "out": name, "lr": lr, "seed": 1, "model": {"n_layer": 1}}))
+        records = [{"step": s, "split": "train", "loss": 5.0 - s * lr * 100, "tokens": 32 * s} for s in (1, 2, 3, 4)]
+        records.append({"step": 4, "split": "val", "loss": 4.9 - lr * 100, "tokens": 128})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prompts = ["Name a color.", "Say hello.", "Count to three."]
+    for name, answers in (("a", ("Red.", "Hello!", "1, 2, 3.")), ("b", ("Blue.", "No.", "One."))):
+        rows = [{"prompt": p, "output": "Red.", "before": "x", "after": a} for p, a in zip(prompts, answers)]
+        (fx / f"responses-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 # --- running one invocation ---------------------------------------------------------------------

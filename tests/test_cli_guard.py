@@ -66,11 +66,10 @@ ALLOW_ZERO: dict[tuple[str, str, str], str] = {
     ("tokenizer stats", "files", "dir"): "a folder of .txt files can be measured",
     ("generate", "--prompt", "empty"): "an empty prompt is no prompt: the model starts a fresh document",
     ("chat", "--system", "empty"): "an empty system message is no system message",
-    **{(cmd, "--device", "empty"): "'' is TrainConfig's value for 'pick the device'"
-       for cmd in ("align reward", "align dpo", "align orpo", "align iterative-dpo", "align ppo")},
     ("align ppo", "--reward-label", "empty"): "'' is the default: a reward model (one score) takes no label",
     ("reward", "--prompt", "empty"): "an empty user message still renders in the template: the response to it is scored",
     ("reward", "--response", "empty"): "an empty response has a score too (the prompt, then <|endoftext|>)",
+    ("eval", "--text", "file"): "any text file can be measured",
 }
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmforge import LmforgeError
 from lmforge.config import Config
-from lmforge.engine import Engine, generate_uncached, relayout_for_decode
-from lmforge.engine.sampling import SamplingParams, filter_logits, sample
+from lmforge.engine import Engine, generate_uncached, relayout_for_decode, sampling
+from lmforge.engine.sampling import SamplingParams, draw, filter_logits, sample
 from lmforge.model import GPT
 
 GREEDY = SamplingParams(temperature=0)
@@ -197,6 +199,38 @@ def test_sampling_params_refuse_values_out_of_range(kw, message):
     """Regression: temperature nan/inf were accepted and failed later inside torch.multinomial."""
     with pytest.raises(LmforgeError, match=message):
         SamplingParams(**kw)
+
+
+def test_draws_follow_the_softmax():
+    """The inverse-CDF draw against the distribution itself: 40k draws per row, every
+    id's frequency within 5 binomial standard deviations of its probability."""
+    logits = torch.randn(3, 30) * 2
+    probs = torch.softmax(logits, -1)
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3, 30)
+    for _ in range(n // 1000):
+        ids = sample(logits.repeat_interleave(1000, 0), SamplingParams(temperature=1.0), gen).view(3, 1000)
+        counts += torch.nn.functional.one_hot(ids, 30).sum(1)
+    sd = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 5 * sd + 1e-4).all()
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.sampled_from([0.0, 0.0, 1e-30, 1e-8, 0.3, 1.0, 5.0]), min_size=1, max_size=12).filter(any),
+       st.integers(0, 2**31))
+def test_an_id_with_probability_zero_is_never_drawn(weights, seed):
+    probs = torch.tensor([weights] * 64)
+    drawn = draw(probs, torch.Generator().manual_seed(seed))
+    assert (probs.gather(1, drawn[:, None]) > 0).all()
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0])
+def test_a_draw_at_either_end_lands_on_a_possible_id(monkeypatch, u):
+    """u = 1 stands for a draw that rounds up to the total: it must not index past the last id."""
+    monkeypatch.setattr(sampling.torch, "rand", lambda shape, **kw: torch.full(shape, u))
+    probs = torch.tensor([[0.0, 0.0, 0.5, 0.0, 0.5, 0.0, 0.0]])
+    assert draw(probs).tolist() == ([2] if u == 0 else [4])
 
 
 def test_a_tiny_temperature_samples_the_greedy_token():

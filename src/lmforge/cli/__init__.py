@@ -16,10 +16,11 @@ import warnings
 from collections.abc import Sequence
 
 from lmforge import __version__
-from lmforge.cli import align, convert, data, estimate, finetune, generate, lora, pretrain, tokenizer
+from lmforge.cli import align, compare, convert, data, estimate, finetune, generate, lora, pretrain, tokenizer
+from lmforge.cli import eval as evaluate  # `eval` is a builtin
 from lmforge.errors import LmforgeError
 
-STAGES = (tokenizer, data, estimate, pretrain, finetune, lora, align, generate, convert)
+STAGES = (tokenizer, data, estimate, pretrain, finetune, lora, align, generate, convert, evaluate, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

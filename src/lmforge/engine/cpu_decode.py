@@ -84,14 +84,16 @@ class CpuDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from the last hidden state (B, C) -> (B, V), fp32.
 
-        Several rows run 2-4x faster as W @ hidden^T on the weight as stored; one row
-        runs fastest against the (C, V) blocks of `_head_chunks`.
+        Several rows run 2-4x faster as W @ hidden^T on the weight as stored (made
+        contiguous again: a row-wise max or softmax over the transposed result ran 3-60x
+        slower, measured on (16, 8192)); one row runs fastest against the (C, V) blocks
+        of `_head_chunks`.
         """
         w = self.model.lm_head.weight
         if type(self.model.lm_head) is not torch.nn.Linear or w.device.type != "cpu":
             return self.model.lm_head(hidden).float()
         if hidden.size(0) > 1:
-            return (w @ hidden.t()).t().float()
+            return (w @ hidden.t()).t().contiguous().float()
         out = []
         for j, block in enumerate(self._head_chunks()):
             if self._prefetcher is not None:

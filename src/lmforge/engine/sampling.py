@@ -66,5 +66,22 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = logits.float()
     # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = NaN
     logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.exp(), generator)  # the largest is exp(0) = 1: no overflow, and draw needs no normalising
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of `probs` (B, V), weights >= 0 that need not sum to 1, by
+    inverting their cumulative sum at a uniform draw scaled to the row's total.
+
+    `torch.multinomial` does the same search but was 17% of a CPU rollout on a 50k
+    vocabulary; a cumsum and one `searchsorted` per row are several times faster. An id
+    with probability 0 is never drawn: `right=True` lands on the first cumulative value
+    strictly above the draw, which is past any run of zeros, and the clamp catches a
+    draw that rounds up to the total.
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    picked = torch.searchsorted(cdf, u * total, right=True)
+    last = torch.searchsorted(cdf, total)  # the last id with probability > 0
+    return torch.minimum(picked, last).squeeze(-1)
