@@ -537,3 +537,24 @@ def _command() -> str:
         argv[0] = "lmforge"
     text = " ".join(argv)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def read_jsonl_objects(path: str | os.PathLike, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file of objects. A line that is
+    not JSON, not an object, or not UTF-8 is an error naming the file and line; `kind` says
+    what the file should be ("a responses.jsonl"), for the message."""
+    with open(path, encoding="utf-8") as f:
+        n = 0
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LmforgeError(f"{path} line {n} is not JSON ({e.msg}): {kind} holds one JSON object a line") from None
+                if not isinstance(row, dict):
+                    raise LmforgeError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: {kind} holds one a line")
+                yield n, row
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"{path} line {n + 1} is not UTF-8 text ({e.reason}): give {kind}") from None

@@ -20,7 +20,6 @@ reward model's `score_rendered`) and `endpoint.py` holds the HTTP client for a c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from statistics import NormalDist
 from typing import Any, Literal
 
 from lmforge.errors import LmforgeError
+from lmforge.io import read_jsonl_objects
 from lmforge.text import plural
 from lmforge.tokenizer.templates import format_alpaca
 
@@ -91,20 +91,8 @@ def read_responses(path: str | os.PathLike, field: str, reference_field: str | N
     if not p.is_file():
         what = "a folder" if p.is_dir() else "not a regular file" if p.exists() else "missing"
         raise LmforgeError(f"responses file {p} is {what}: give a responses.jsonl (one JSON object a line)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}): give a responses.jsonl") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{p} line {n} is not JSON ({e.msg}): a responses file holds one JSON object a line") from None
-        if not isinstance(record, dict):
-            raise LmforgeError(f"{p} line {n} is a JSON {type(record).__name__}, not an object with a prompt and responses")
+    for n, record in read_jsonl_objects(p, "a responses.jsonl"):
         rows.append(Row(n, _prompt(record, p, n), _text(record, field, p, n, required=True), _reference(record, reference_field, p, n)))
     if not rows:
         raise LmforgeError(f"{p} holds no rows: give a responses.jsonl with one JSON object a line")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.io import read_jsonl_objects
 
 FEWSHOT_DELIMITER = "\n\n"
 TARGET_DELIMITER = " "
@@ -80,16 +81,7 @@ class Task:
 
 # --- readers ---------------------------------------------------------------------------------
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmforgeError(f"{path}:{n} is not JSON ({e}); the file is damaged: copy it again") from None
-                if not isinstance(row, dict):
-                    raise LmforgeError(f"{path}:{n} is not a JSON object")
-                yield n, row
+    return read_jsonl_objects(path, "a task file")
 
 
 def _json_array(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
