@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
 
 
 def add_command(
@@ -47,3 +50,22 @@ def progress_enabled() -> bool:
     import sys
 
     return sys.stderr.isatty()
+
+
+def check_out_file(path: str, example: str, ours: Callable[[Path], bool], not_ours: str) -> Path:
+    """--out, refused before any work if writing it would replace something the command did
+    not write: empty, a folder, not a regular file, an existing file `ours` rejects (the
+    message ends with `not_ours`), or a file in a folder that does not exist."""
+    if not path:
+        raise LmforgeError(f"--out is empty: name the file to write (e.g. {example})")
+    out = Path(path)
+    if out.is_dir():
+        raise LmforgeError(f"--out {out} is a folder: name a file in it, e.g. {out / example}")
+    if out.exists() or out.is_symlink():
+        if not out.is_file():
+            raise LmforgeError(f"--out {out} exists and is not a regular file; name a new file")
+        if not ours(out):
+            raise LmforgeError(f"--out {out} exists and is not {not_ours}; name a new file (it is left as it is)")
+    if not out.parent.is_dir():
+        raise LmforgeError(f"--out {out}: its folder {out.parent} does not exist")
+    return out

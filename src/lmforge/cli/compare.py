@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmforge.cli.common import add_command
-from lmforge.errors import LmforgeError
+from lmforge.cli.common import add_command, check_out_file
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -51,17 +50,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_out(path: str) -> Path:
     """--out, refused before reading anything if writing it would replace what is not a picture."""
-    if not path:
-        raise LmforgeError("--out is empty: name the PNG file to draw (e.g. compare.png)")
-    out = Path(path)
-    if out.is_dir():
-        raise LmforgeError(f"--out {out} is a folder: name a file in it, e.g. {out / 'compare.png'}")
-    if out.exists() or out.is_symlink():
-        if not out.is_file():
-            raise LmforgeError(f"--out {out} exists and is not a regular file; name a new .png file")
-        with open(out, "rb") as f:
-            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
-                raise LmforgeError(f"--out {out} exists and is not a PNG; name a new file (it is left as it is)")
-    if not out.parent.is_dir():
-        raise LmforgeError(f"--out {out}: its folder {out.parent} does not exist")
-    return out
+    return check_out_file(path, "compare.png", _is_png, "a PNG")
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE

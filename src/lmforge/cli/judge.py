@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.cli.common import add_command, progress_enabled
+from lmforge.cli.common import add_command, check_out_file, progress_enabled
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_text
 from lmforge.text import plural
@@ -138,23 +138,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_out(path: str) -> Path:
     """--out, refused before any judging if writing it would replace something not ours."""
-    if not path:
-        raise LmforgeError("--out is empty: name the JSON file the verdicts go to (e.g. judge.json)")
-    out = Path(path)
-    if out.is_dir():
-        raise LmforgeError(f"--out {out} is a folder: name a file in it, e.g. {out / 'judge.json'}")
-    if out.exists() or out.is_symlink():
-        if not out.is_file():
-            raise LmforgeError(f"--out {out} exists and is not a regular file; name a new file")
-        try:
-            ours = json.loads(out.read_text(encoding="utf-8")).get("format") == FORMAT
-        except (ValueError, AttributeError, OSError):
-            ours = False
-        if not ours:
-            raise LmforgeError(f"--out {out} exists and is not an earlier `eval judge` result; name a new file (it is left as it is)")
-    if not out.parent.is_dir():
-        raise LmforgeError(f"--out {out}: its folder {out.parent} does not exist")
-    return out
+    return check_out_file(path, "judge.json", _is_verdicts, "an earlier `eval judge` result")
+
+
+def _is_verdicts(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (ValueError, AttributeError, OSError):
+        return False
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -158,11 +158,15 @@ def _hellaswag(path: Path, limit: int | None = None) -> list[Item]:
     return items
 
 
-def _arc_item(row: dict[str, Any], question: str, texts: list[str], labels: list[str], path: Path, n: int) -> Item:
-    key = _field(row, "answerKey", path, n)
+def _keyed_item(row: dict[str, Any], text: str, texts: list[str], labels: list[str], key: str, path: Path, n: int) -> Item:
+    """An AI2-style item (ARC, OpenBookQA): the gold choice is the one whose label is the answer key."""
     if key not in labels:
         raise LmforgeError(f"{path}:{n}: answerKey {key!r} is not one of the labels {labels}")
-    return Item(row, f"Question: {question}\nAnswer:", texts, labels.index(key))
+    return Item(row, text, texts, labels.index(key))
+
+
+def _arc_item(row: dict[str, Any], question: str, texts: list[str], labels: list[str], path: Path, n: int) -> Item:
+    return _keyed_item(row, f"Question: {question}\nAnswer:", texts, labels, _field(row, "answerKey", path, n), path, n)
 
 
 def _arc_hf(path: Path) -> list[Item]:
@@ -225,11 +229,8 @@ def _openbookqa(path: Path) -> list[Item]:
     for n, row in _jsonl(path):
         q = _field(row, "question", path, n, dict)
         choices = q.get("choices") or []
-        labels = [c["label"] for c in choices]
-        key = _field(row, "answerKey", path, n).lstrip()
-        if key not in labels:
-            raise LmforgeError(f"{path}:{n}: answerKey {key!r} is not one of the labels {labels}")
-        items.append(Item(row, _field(q, "stem", path, n), [c["text"] for c in choices], labels.index(key)))
+        items.append(_keyed_item(row, _field(q, "stem", path, n), [c["text"] for c in choices], [c["label"] for c in choices],
+                                 _field(row, "answerKey", path, n).lstrip(), path, n))
     return items
 
 
