@@ -76,6 +76,8 @@ BASES: dict[str, Base] = {
     "generate": Base(("--model", "{fx}/model", "--prompt-ids", "5,6", "--max-new-tokens", "2", "--temperature", "0.8", "--seed", "1",
                       "--top-k", "5", "--top-p", "0.9", "--device", "cpu", "--ids")),
     "chat": Base(("--model", "{fx}/model", "--max-new-tokens", "2", "--seed", "1", "--device", "cpu"), stdin=b"hello\n"),
+    "serve": Base(("--model", "{fx}/model", "--port", "0", "--max-batch", "2", "--max-queue", "4", "--max-body-bytes", "4096",
+                   "--name", "m", "--api-key", "k", "--device", "cpu", "--check")),
     "convert": Base(("--to-hf", "{fx}/model", "--out", "{ws}/out/hf")),
     "align reward": Base((*ALIGN, "--data", "{fx}/prefs.json", "--out", "{ws}/out/rm")),
     "align dpo": Base((*ALIGN, "--data", "{fx}/prefs.json", "--out", "{ws}/out/dpo")),

@@ -81,10 +81,13 @@ def test_chat_keeps_history(model_dir):
         (["--prompt-ids", "1", "--stream", "--max-new-tokens", "0"], "max_new_tokens must be a whole number >= 1"),
     ],
 )
-def test_generate_errors(model_dir, args, message):
-    proc = lmforge("generate", "--model", str(model_dir), *args)
-    err = proc.stderr.decode()
-    assert proc.returncode == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+def test_generate_errors(model_dir, args, message, capsys):
+    """In process (the CLI's own error path, as a run prints it; a subprocess per case cost 3 s of imports)."""
+    from lmforge.cli import main
+
+    code = main(["generate", "--model", str(model_dir), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
 def test_chat_refuses_a_bad_max_new_tokens_before_the_first_turn(model_dir):

@@ -13,6 +13,9 @@ minutes. Every pattern must be used (a stale one fails), and the number of comma
 asserted (EXPECTED_RUN), so a README change that silently drops or adds commands fails
 here. What cannot run here is listed in NOT_RUN, each entry matching exactly one command.
 Sections are separate tests that share the folder; a section runs the ones before it first.
+A command that starts a server (`lmforge serve`) runs in the background, and the walk goes
+on once it listens; the commands after it (curl, the `openai` client) talk to it, and it
+is stopped when the walk ends.
 Each command's time is printed (`pytest -s` shows them); about 2 minutes in all on 2 busy cores.
 """
 
@@ -22,6 +25,7 @@ import dataclasses
 import fnmatch
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +38,14 @@ from conftest import SHARED
 from lmforge.data.download import DATASETS, MIRROR_ENV
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+PORT = _free_port()  # the README's server listens on 8000; the walk's on a free port
 SETUP_MARK = "scripts/bootstrap"  # the two set-up commands of "Set up and run": they make the venv this test runs in
 SETUP_COMMANDS = 2
 
@@ -59,14 +71,18 @@ TINY: list[tuple[str, str]] = [
     # the evaluation sets sit beside the checkout (../shared/data/eval), not in the test's fresh folder
     (r"--data-dir \.\./shared/data/eval", f"--data-dir {SHARED / 'eval'}"),
     (r"--tasks all", "--tasks all --limit 3"),
+    # the server of the Serving section: a free port instead of 8000 (a busy machine may hold 8000)
+    (r"^lmforge serve [^#]*?(?=\s*$)", rf"\g<0> --port {PORT}"),
+    (r"127\.0\.0\.1:8000", f"127.0.0.1:{PORT}"),
 ]
+BACKGROUND = "lmforge serve "  # a command that starts a server (not a --check): it runs in the background until the walk ends
 
 # A substring of each command that cannot run here -> why. Each must match exactly one README command.
 NOT_RUN: dict[str, str] = {
     "--nnodes=2": "needs two machines with 8 GPUs each",
     "--judge-url": "needs a chat model behind an OpenAI-compatible endpoint",
 }
-EXPECTED_RUN = 53  # commands and Python blocks run: change it with the README, on purpose
+EXPECTED_RUN = 59  # commands and Python blocks run: change it with the README, on purpose
 
 # what a command reads on stdin (by its start); anything else gets an empty stdin
 STDIN = {"lmforge chat": "Once upon a time\n/quit\n"}
@@ -192,6 +208,7 @@ class Walk:
         # machine its spin-waiting made a 0.6M-parameter evaluation 6-10x slower (as conftest.py's set_num_threads(1)).
         self.env["OMP_NUM_THREADS"] = "1"
         self.env.pop("LMFORGE_TRACEBACK", None)
+        self.servers: list[subprocess.Popen] = []
 
     def through(self, section: str) -> None:
         """Run every section up to `section` that has not run; fail if one of them failed."""
@@ -209,8 +226,29 @@ class Walk:
             elif self.done[earlier] is not None:
                 pytest.fail(self.done[earlier])
 
+    def serve(self, text: str) -> None:
+        """Start a server command and return once it says it listens."""
+        proc = subprocess.Popen(["bash", "-c", f"exec {text}"], cwd=self.root, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        self.servers.append(proc)
+        line = proc.stdout.readline()
+        if not line.startswith("lmforge: serving"):
+            proc.kill()
+            pytest.fail(f"`{text}` did not start serving: {line}{proc.stderr.read()[-2000:]}")
+        print(f"         {text[:120]} (serving)")
+
+    def stop(self) -> None:
+        for proc in self.servers:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
     def run(self, step: Step) -> None:
         text = tiny(step.text)
+        if step.kind == "bash" and text.startswith(BACKGROUND) and "--check" not in text:
+            return self.serve(text)
         if step.kind == "python":
             argv = [sys.executable, "-c", text]
         else:
@@ -230,8 +268,10 @@ class Walk:
 
 
 @pytest.fixture(scope="module")
-def walk(tmp_path_factory: pytest.TempPathFactory) -> Walk:
-    return Walk(tmp_path_factory.mktemp("readme"))
+def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
+    walk = Walk(tmp_path_factory.mktemp("readme"))
+    yield walk
+    walk.stop()
 
 
 @pytest.mark.slow

@@ -16,11 +16,11 @@ import warnings
 from collections.abc import Sequence
 
 from lmforge import __version__
-from lmforge.cli import align, compare, convert, data, estimate, finetune, generate, lora, pretrain, tokenizer
+from lmforge.cli import align, compare, convert, data, estimate, finetune, generate, lora, pretrain, serve, tokenizer
 from lmforge.cli import eval as evaluate  # `eval` is a builtin
 from lmforge.errors import LmforgeError
 
-STAGES = (tokenizer, data, estimate, pretrain, finetune, lora, align, generate, convert, evaluate, compare)
+STAGES = (tokenizer, data, estimate, pretrain, finetune, lora, align, generate, convert, evaluate, compare, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

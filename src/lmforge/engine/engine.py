@@ -19,27 +19,18 @@ blocks, the prefetcher) are in `cpu_decode.py`; the engine only calls them.
 
 from __future__ import annotations
 
-import codecs
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from lmforge.config import Config
 from lmforge.engine.cpu_decode import CpuDecoder, relayout_for_decode
 from lmforge.engine.sampling import SamplingParams, sample
+from lmforge.engine.text import TextCodec, TextStream, bytes_after, find_stop
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-
-
-class TextCodec(Protocol):
-    """The tokenizer interface the engine uses (our `Tokenizer`, the llama2.c one, ...)."""
-
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
-    def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
 
 
 def end_of_text_ids(tokenizer: object | None) -> list[int]:
@@ -171,6 +162,11 @@ class Engine:
             out.append(p)
         return out
 
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """One prompt as checked token ids: text is encoded; an empty prompt, one longer than
+        the context or an id outside the vocabulary is refused (`LmforgeError`)."""
+        return self._prompts([prompt])[0]
+
     def check_request(
         self,
         *,
@@ -273,7 +269,7 @@ class Engine:
                     continue
                 out[b].append(t)
                 text = self._decode_after(rows[b], out[b]) if stop_strings else ""
-                cut = _find_stop(text, stop_strings) if stop_strings else None
+                cut = find_stop(text, stop_strings) if stop_strings else None
                 if cut is not None:
                     done[b], reason[b] = True, "stop"
                     stopped_by[b] = next(s for s in stop_strings if text.startswith(s, cut))
@@ -304,61 +300,36 @@ class Engine:
             max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings
         )
         rows = self._prompts([prompt])
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        text, sent, previous = "", 0, rows[0][-1]
+        if self.tokenizer is None:
+            for token, _ in self.steps(rows, max_new_tokens, sampling, seed):
+                if int(token[0]) in stop_ids:
+                    return
+                yield int(token[0]), ""
+            return
+        text = TextStream(self.tokenizer, rows[0][-1], stop_strings)
         for token, _ in self.steps(rows, max_new_tokens, sampling, seed):
             t = int(token[0])
             if t in stop_ids:
                 break
-            if self.tokenizer is None:
-                yield t, ""
-                continue
-            text += decoder.decode(self._bytes_after([previous], [t]))
-            previous = t
-            cut = _find_stop(text, stop_strings)
-            if cut is not None:
-                yield t, text[sent:cut]
+            yield t, text.push(t)
+            if text.stop is not None:
                 return
-            safe = max(sent, len(text) - _held_back(text, stop_strings))
-            yield t, text[sent:safe]
-            sent = safe
-        text += decoder.decode(b"", final=True)
-        if text[sent:]:
-            yield None, text[sent:]
-
-    def _bytes_after(self, context: list[int], ids: list[int]) -> bytes:
-        """The bytes `ids` add after `context`: a sentencepiece tokenizer drops the space
-        of a piece that follows BOS, so a token's text depends on the one before it."""
-        before = self.tokenizer.decode_bytes(context)
-        return self.tokenizer.decode_bytes(context + ids)[len(before) :]
+        if rest := text.finish():
+            yield None, rest
 
     def _decode_after(self, prompt: list[int], ids: list[int]) -> str:
-        return self._bytes_after(prompt[-1:], ids).decode("utf-8", "replace")
+        return bytes_after(self.tokenizer, prompt[-1:], ids).decode("utf-8", "replace")
 
     def _text(self, prompt: list[int], ids: list[int], stop_strings: Sequence[str]) -> str | None:
         if self.tokenizer is None:
             return None
         text = self._decode_after(prompt, ids)
-        cut = _find_stop(text, stop_strings)
+        cut = find_stop(text, stop_strings)
         return text if cut is None else text[:cut]
 
 
 def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
-    """Where the earliest stop string starts in `text`, or None."""
-    hits = [i for s in stop_strings if (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
-    """How many trailing characters could still grow into a stop string."""
-    for n in range(min(len(text), max((len(s) for s in stop_strings), default=0)), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stop_strings):
-            return n
-    return 0
 
 
 @torch.inference_mode()

@@ -106,10 +106,14 @@ def check_messages(messages: Any, where: str = "messages") -> None:
             continue
         if role != expected:
             raise LmforgeError(
-                f"{where}[{i}] is a {role} message where a {expected} message belongs: a conversation is an "
+                f"{where}[{i}] is {_a(role)} message where {_a(expected)} message belongs: a conversation is an "
                 "optional system message first, then user and assistant messages taking turns"
             )
         expected = "assistant" if role == "user" else "user"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word.startswith('a') else 'a'} {word}"  # a system, a user, an assistant
 
 
 def session_messages(system: str | None, turns: Sequence[tuple[str, str]], user: str) -> list[dict[str, str]]:
