@@ -121,7 +121,7 @@ def test_read_instructions_formats(tmp_path):
         ([{"input": "x", "output": "y"}], "item 0: missing key 'instruction'"),
         ([{"instruction": "a", "output": 3}], "item 0: 'output' must be a string"),
         ([{"messages": [{"role": "user", "content": "q"}]}], "item 0: the conversation must end with an assistant"),
-        ([{"messages": [{"role": "assistant", "content": "a"}]}], "messages\\[0\\] is a assistant message where a user"),
+        ([{"messages": [{"role": "assistant", "content": "a"}]}], "messages\\[0\\] is an assistant message where a user"),
         ([{"messages": [{"role": "bot", "content": "a"}]}], "messages\\[0\\] has role 'bot'"),
         ([{"conversations": [{"from": "human", "value": "q"}, {"from": "tool", "value": "x"}]}], "conversations\\[1\\] is from 'tool'"),
         ([{"conversations": [{"from": "human"}]}], "conversations\\[0\\] needs keys 'from' and 'value'"),
