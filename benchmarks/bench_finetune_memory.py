@@ -37,7 +37,20 @@ the RSS run, which has no profiler overhead). The target is QLoRA's peak <= 0.4x
 fine-tuning's for a model of >= 100M parameters, with a quantized base of <= 0.52
 bytes per parameter.
 
-    python benchmarks/bench_finetune_memory.py [--preset gpt2] [--batch 4] [--context 256] [--steps 3] [--pin-mmap]
+Loading QLoRA's base (`--only load`): the preset with random weights (seed 0), saved to a
+temporary folder ours and Hugging Face's, then read into the 4-bit model two ways:
+`lmforge.load` then `quantize_model` (the dense model first: what QLoRA did before) and
+`lmforge.loading.load_quantized` (each block weight quantized as it is read, the two
+give the same model bit for bit). Each is a fresh process, warmed up by loading a
+one-layer model the same way; measured: the peak RSS during the load over the RSS just
+before it, the RSS once it is done (and how much of it is pages of the weights file
+still mapped: `load` reads through a memory map, its tensors are views of it, and the
+embedding, kept, keeps the pages the quantization read), the allocator peak (the
+profiler counts that map as one allocation of the file's size, resident or not) and
+the seconds. glibc's default mmap threshold keeps a varying share of the freed dense
+weights as free heap (0 to 290 MiB here, either way): `--pin-mmap` takes it out.
+
+    python benchmarks/bench_finetune_memory.py [--preset gpt2] [--batch 4] [--context 256] [--steps 3] [--pin-mmap] [--only train|load]
 """
 
 from __future__ import annotations
@@ -46,7 +59,9 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from _common import PINNED_MMAP, allocator_peaks, args_or_child, print_table, reset_hwm, run_child, status_kib
@@ -63,6 +78,8 @@ TARGET_RATIO = 0.4  # QLoRA peak / full fine-tuning peak
 TARGET_PARAMS = 100_000_000  # ... for a model at least this big
 TARGET_BYTES_PER_PARAM = 0.52  # NF4 with double quantization: 0.516
 MARK = "bench_finetune_memory.train_steps"  # profiler range around the training steps
+LOADS = {"dense": "load, then quantize_model", "streamed": "load_quantized"}  # how QLoRA's base is read
+SOURCES = ("ours", "Hugging Face")  # the folders it is read from
 
 
 # --- the child: one measurement in a fresh process --------------------------------------------
@@ -139,8 +156,59 @@ def _measure_tensors(config: Config, method: str, checkpointing: bool, batch: in
     return {**info, "tensor_peak": train_peak, "build_peak": build_peak}
 
 
+def _load(folder: str, how: str) -> GPT:
+    """QLoRA's base from `folder`: the dense model, then quantized; or quantized as it is read."""
+    from lmforge.finetune.nf4 import quantize_model
+    from lmforge.loading import load, load_quantized
+
+    if how == "streamed":
+        return load_quantized(folder)
+    model = load(folder)
+    quantize_model(model)
+    return model
+
+
+def _weight_bytes(model: GPT) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
+def _measure_load_rss(folder: str, warm: str, how: str) -> dict[str, object]:
+    import gc
+
+    _load(warm, how)
+    gc.collect()
+    baseline, file_pages = status_kib("VmRSS"), status_kib("RssFile")
+    reset = reset_hwm()
+    start = time.perf_counter()
+    model = _load(folder, how)
+    seconds = time.perf_counter() - start
+    gc.collect()
+    return {
+        "rss_peak": (status_kib("VmHWM") - baseline) * 1024,
+        "rss_after": (status_kib("VmRSS") - baseline) * 1024,
+        "file_after": (status_kib("RssFile") - file_pages) * 1024,
+        "weight_bytes": _weight_bytes(model),
+        "hwm_reset": reset,
+        "load_s": seconds,
+    }
+
+
+def _measure_load_tensors(folder: str, warm: str, how: str) -> dict[str, object]:
+    from torch.profiler import ProfilerActivity, profile
+
+    _load(warm, how)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = _load(folder, how)
+    return {"tensor_peak": allocator_peaks(prof)[1], "weight_bytes": _weight_bytes(model)}
+
+
 def _child(spec: str) -> None:
     s = json.loads(spec)
+    if s["measure"] in ("load-rss", "load-tensors"):
+        measure = _measure_load_rss if s["measure"] == "load-rss" else _measure_load_tensors
+        print(json.dumps(measure(s["folder"], s["warm"], s["how"])))
+        return
     config = Config.from_name(s["preset"])
     measure = _measure_rss if s["measure"] == "rss" else _measure_tensors
     print(json.dumps(measure(config, s["method"], s["checkpointing"], s["batch"], s["context"], s["steps"])))
@@ -159,10 +227,63 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (>= 2 to include the steady state)")
     parser.add_argument("--pin-mmap", action="store_true", help="run the RSS measurements with MALLOC_MMAP_THRESHOLD_=131072")
+    parser.add_argument("--only", choices=("train", "load"), help="only the training steps, or only loading QLoRA's base (default: both)")
     args = args_or_child(parser, _child)
     if args is None:
         return
+    if args.only != "load":
+        train_table(args)
+    if args.only != "train":
+        load_table(args)
 
+
+def load_table(args: argparse.Namespace) -> None:
+    """Loading QLoRA's base from a folder: the dense model first, then quantized, against quantized as it is read."""
+    import torch
+
+    from lmforge.interop.hf import save_hf
+    from lmforge.model import GPT
+    from lmforge.weights import save_pretrained
+
+    env = PINNED_MMAP if args.pin_mmap else None
+    config = Config.from_name(args.preset)
+    results: dict[tuple[str, str], dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp:
+        folders = {}
+        for name, cfg in (("model", config), ("warm", config.replace(n_layer=1, vocab_size=256, context_length=16))):
+            torch.manual_seed(0)
+            model = GPT(cfg)
+            folders[name, "ours"] = str(save_pretrained(model, Path(tmp) / name))
+            folders[name, "Hugging Face"] = str(save_hf(model, Path(tmp) / f"{name}-hf"))
+            del model
+        for source in SOURCES:
+            for how, what in LOADS.items():
+                spec = {"folder": folders["model", source], "warm": folders["warm", source], "how": how}
+                tensors = measure({**spec, "measure": "load-tensors"})
+                results[source, how] = {**tensors, **measure({**spec, "measure": "load-rss"}, env)}
+                print(f"  measured loading from {source}: {what}", file=sys.stderr, flush=True)
+
+    print(f"\n# Loading QLoRA's base: {args.preset} ({config.n_layer} layers) with random fp32 weights, from a folder, on CPU\n")
+    rows = [
+        [source, LOADS[how], r["rss_peak"] / MIB, r["rss_after"] / MIB, r["file_after"] / MIB, r["tensor_peak"] / MIB,
+         r["weight_bytes"] / MIB, r["load_s"]]
+        for (source, how), r in results.items()
+    ]  # fmt: skip
+    print_table(["folder", "loading", "peak RSS MiB", "RSS after MiB", "of it, file pages", "allocator peak MiB", "model MiB", "s"], rows)
+    print()
+    for source in SOURCES:
+        dense, streamed = results[source, "dense"], results[source, "streamed"]
+        print(f"{source} folder: load_quantized's peak RSS is {streamed['rss_peak'] / dense['rss_peak']:.2f}x that of "
+              f"load + quantize_model ({streamed['rss_peak'] / MIB:,.0f} vs {dense['rss_peak'] / MIB:,.0f} MiB), "
+              f"{streamed['rss_peak'] / streamed['weight_bytes']:.2f}x the finished model")
+    if not all(r["hwm_reset"] for r in results.values()):
+        print("note: VmHWM could not be reset: the peaks include the warm-up's")
+    if args.pin_mmap:
+        print("note: RSS measured with MALLOC_MMAP_THRESHOLD_=131072 (glibc's mmap threshold pinned)")
+
+
+def train_table(args: argparse.Namespace) -> None:
+    """Peak memory of the training steps of each method, checkpointing off and on."""
     env = PINNED_MMAP if args.pin_mmap else None
     base = {"preset": args.preset, "batch": args.batch, "context": args.context, "steps": args.steps}
     results: dict[tuple[str, bool], dict[str, object]] = {}
@@ -233,7 +354,8 @@ def main() -> None:
         + ("holds" if bpp <= TARGET_BYTES_PER_PARAM else "MISSED")
     )
     build = results["QLoRA", False]["build_peak"]
-    print(f"note: building the QLoRA model (dense, then quantized) peaks at {build / MIB:.0f} MiB of tensors, before training starts")
+    print(f"note: building the QLoRA model (dense, then quantized) peaks at {build / MIB:.0f} MiB of tensors, before training starts "
+          "(read from a folder with load_quantized, the dense model is never whole: --only load)")
     if not all(r["hwm_reset"] for r in results.values()):
         print("note: VmHWM could not be reset: the RSS peaks include model construction's")
     if args.pin_mmap:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
+import pytest
 import torch
+from cli_runner import run_cli
 from conftest import shared
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -25,11 +26,17 @@ TEXTS = [
 ]
 
 
-def lmforge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, timeout=300, check=False)
+@pytest.fixture
+def lmforge(capsys):
+    """`lmforge ARGS` run in this process (tests/cli_runner.py: a subprocess per run was 3 s of imports)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return run_cli(capsys, *args)
+
+    return run
 
 
-def test_convert_chain_keeps_logits_and_greedy_output(tmp_path):
+def test_convert_chain_keeps_logits_and_greedy_output(tmp_path, lmforge):
     bin_file = shared(f"{STORIES}/stories260K.bin")
     steps = [
         ("--from-llama2c", str(bin_file), "--tokenizer", str(shared(f"{STORIES}/tok512.bin")), "--out", str(tmp_path / "ours")),
@@ -64,7 +71,7 @@ def test_convert_chain_keeps_logits_and_greedy_output(tmp_path):
     assert proc.stdout.decode() == expected["text"] + "\n"
 
 
-def test_exported_stories260k_runs_in_transformers_with_its_tokenizer(tmp_path):
+def test_exported_stories260k_runs_in_transformers_with_its_tokenizer(tmp_path, lmforge):
     """The whole exported folder in transformers: LlamaForCausalLM gives our logits and
     llama2.c's greedy story, and AutoTokenizer encodes and decodes as our tokenizer does."""
     proc = lmforge("convert", "--to-hf", str(shared(f"{STORIES}/stories260K.bin")), "--out", str(tmp_path / "hf"))
@@ -88,7 +95,7 @@ def test_exported_stories260k_runs_in_transformers_with_its_tokenizer(tmp_path):
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (1, 2)
 
 
-def test_convert_refuses_a_non_empty_output_and_bad_sources(tmp_path):
+def test_convert_refuses_a_non_empty_output_and_bad_sources(tmp_path, lmforge):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     proc = lmforge("convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "out"))

@@ -6,10 +6,10 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from lmforge.config import Config
 from lmforge.engine import Engine, generate_uncached
@@ -20,8 +20,15 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.weights import save_pretrained
 
 
-def lmforge(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], input=stdin, capture_output=True, timeout=300)
+@pytest.fixture
+def lmforge(capsys):
+    """`lmforge ARGS` run in this process (tests/cli_runner.py: a subprocess per run was 3 s of
+    imports); stdin is the given bytes, a pipe at end of file (not a terminal), as `input=` gave it."""
+
+    def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+        return run_cli(capsys, *args, stdin=stdin)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +46,13 @@ def test_saved_model_loads_with_identical_logits(model_dir):
     assert torch.equal(a(ids), b(ids)) and a.tokenizer is not None
 
 
-def test_generate_ids_prints_exactly_the_greedy_ids(model_dir):
+def test_generate_ids_prints_exactly_the_greedy_ids(model_dir, lmforge):
     proc = lmforge("generate", "--model", str(model_dir), "--prompt-ids", "5,6,7", "--max-new-tokens", "12", "--temperature", "0", "--ids")
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout) == generate_uncached(load(model_dir), [5, 6, 7], 12)[0]
 
 
-def test_generate_text_streamed_equals_unstreamed(model_dir):
+def test_generate_text_streamed_equals_unstreamed(model_dir, lmforge):
     args = ["generate", "--model", str(model_dir), "--prompt", "To be", "--max-new-tokens", "15", "--seed", "3", "--temperature", "0.9"]
     plain, streamed = lmforge(*args), lmforge(*args, "--stream")
     assert plain.returncode == 0 and streamed.returncode == 0
@@ -55,8 +62,8 @@ def test_generate_text_streamed_equals_unstreamed(model_dir):
     assert plain.stdout.decode() == "To be" + expected.text + "\n"
 
 
-def test_chat_keeps_history(model_dir):
-    proc = lmforge("chat", "--model", str(model_dir), "--max-new-tokens", "6", "--seed", "1", stdin="hello\n/reset\nhello\n".encode())
+def test_chat_keeps_history(model_dir, lmforge):
+    proc = lmforge("chat", "--model", str(model_dir), "--max-new-tokens", "6", "--seed", "1", stdin=b"hello\n/reset\nhello\n")
     assert proc.returncode == 0, proc.stderr.decode()
     replies = proc.stdout.decode().splitlines()
     assert len(replies) == 2 and replies[0] == replies[1]  # /reset: the same first turn again
@@ -90,12 +97,12 @@ def test_generate_errors(model_dir, args, message, capsys):
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
-def test_chat_refuses_a_bad_max_new_tokens_before_the_first_turn(model_dir):
+def test_chat_refuses_a_bad_max_new_tokens_before_the_first_turn(model_dir, lmforge):
     proc = lmforge("chat", "--model", str(model_dir), "--max-new-tokens", "-1")  # no input: the check comes first
     assert proc.returncode == 2 and "max_new_tokens must be a whole number >= 1" in proc.stderr.decode()
 
 
-def test_missing_model_is_a_clear_error(tmp_path):
+def test_missing_model_is_a_clear_error(tmp_path, lmforge):
     proc = lmforge("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1")
     assert proc.returncode == 2 and "neither a model folder" in proc.stderr.decode()
 

@@ -10,7 +10,11 @@ follows what `lmforge.model` really allocates, and the tests hold it to that:
 - training memory of the trainer's fp32 step (`model(x, y)`, its blockwise loss, the
   fused AdamW of `build_optimizer`): weights, gradients, the two AdamW moments, and the
   activations autograd saves for backward, with and without gradient checkpointing,
-  plus the transient buffers that set the real peak of a step.
+  plus the transient buffers that set the real peak of a step;
+- the same for every setup the trainer offers (`Setup`, `training_plan`): 8-bit AdamW
+  moments (`AdamW8bit`: its state to the byte, and its step's chunk buffers), moments
+  paged to memory-mapped files (reported apart: disk, not memory), and LoRA / QLoRA
+  (a frozen base, fp32 or NF4, with trainable adapters), and whether it fits.
 
 The activation count is derived tensor by tensor from what PyTorch (2.x, CPU) saves in
 our model, and the tests compare it with the bytes `torch.autograd.graph.saved_tensors_hooks`
@@ -45,7 +49,7 @@ forward one block of fp32 logits and their softmax (`loss_buffers`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
@@ -114,6 +118,17 @@ def count_params(config: Config) -> Params:
     return Params(embeddings=embeddings, attention=L * attention, mlp=L * mlp, norms=(2 * L + 1) * norm, head=head)
 
 
+def param_tensors(config: Config) -> list[int]:
+    """The size of every parameter tensor, each once (a tied head is the token table):
+    what the optimizer steps, and keeps moments for, tensor by tensor."""
+    C, L = config.n_embd, config.n_layer
+    tables = [config.vocab_size * C] + ([config.context_length * C] if config.positions == "learned" else [])
+    norm = [C, C] if config.norm == "layernorm" and config.bias else [C]
+    linears = [n for o, i in block_linears(config) for n in ((o * i, o) if config.bias else (o * i,))]
+    head = [] if config.tie_embeddings else [config.vocab_size * C]
+    return tables + L * (2 * norm + linears) + norm + head
+
+
 # --- weights and KV cache -----------------------------------------------------------------
 def quantized_bytes(rows: int, cols: int, dtype: str) -> int:
     """Bytes of one (rows, cols) weight stored as int8 or NF4, scales included.
@@ -173,11 +188,12 @@ class Activations:
     block_input: int  # one block's input: what checkpointing keeps of a block (with the RNG state)
     outside: int  # embeddings' ids, RoPE tables, final norm, the loss's gradient of h
     n_layer: int
+    first_block: int  # what the first block saves: `block`, unless its input needs no gradient (LoRA)
 
     @property
     def saved(self) -> int:
         """Without checkpointing: everything, held from forward until its backward."""
-        return self.outside + self.n_layer * self.block
+        return self.outside + self.first_block + (self.n_layer - 1) * self.block
 
     @property
     def kept(self) -> int:
@@ -188,7 +204,7 @@ class Activations:
     def checkpointed(self) -> int:
         """With checkpointing, in backward: the kept tensors plus one recomputed block
         (whose input is the kept one, counted once)."""
-        return self.kept + self.block - self.block_input
+        return self.kept + max(self.block, self.first_block) - self.block_input
 
 
 def _norm_saved(config: Config, N: int) -> int:
@@ -199,21 +215,36 @@ def _norm_saved(config: Config, N: int) -> int:
     return 2 * N * C * ACT + N * STAT  # x * rsqrt (for weight's grad), output, rsqrt
 
 
-def _attention_saved(config: Config, batch: int, context: int) -> int:
-    """q, k, v and what the attention kernel keeps, up to and including o's input."""
+def _attention_saved(config: Config, batch: int, context: int,
+                     q: bool = True, k: bool = True, v: bool = True, o: bool = True) -> int:
+    """q, k, v and what the attention kernel keeps, up to and including o's input.
+
+    `q`, `k`, `v`: whether each needs a gradient (in full training all do; in LoRA's first
+    block, whose input needs none, only the adapted ones); `o`: whether o's input is
+    saved (o's weight, or an adapter on it, trains).
+    """
     N, nh, hd = batch * context, config.n_head, config.head_dim
     qd, kvd = nh * hd, config.n_kv_head * hd
     fused = config.attention == "sdpa" and config.dropout == 0
     if fused:
         # CPU flash attention keeps q, k, v (GQA natively, no repeat), its output (which is
-        # o's input after a free transpose) and the fp32 logsumexp per query and head
-        return N * (qd + 2 * kvd) * ACT + N * qd * ACT + N * nh * STAT
-    # math path: scaled q and k, v repeated to all heads, the (T, T) matrices, and o's
-    # input (a copy: the output's transpose is not contiguous)
+        # o's input after a free transpose) and the fp32 logsumexp per query and head,
+        # all of them as soon as one of q, k, v needs a gradient
+        if q or k or v:
+            return N * (qd + 2 * kvd) * ACT + N * qd * ACT + N * nh * STAT
+        return N * qd * ACT if o else 0
+    # math path: q (for k's gradient) and k, v repeated to all heads (for q's and for the
+    # weights' gradients), the (T, T) matrices, and o's input (a copy: the output's
+    # transpose is not contiguous)
     scores = batch * nh * context * context * ACT
-    matrices = 3 if config.dropout > 0 else 1  # softmax; with dropout also the mask and the result
-    mask = context * context if config.attention == "reference" and context > 1 else 0  # bool causal mask
-    return 3 * N * qd * ACT + matrices * scores + mask + N * qd * ACT
+    weighted = q or k  # the attention weights need a gradient
+    saved = (N * qd * ACT if k else 0) + (N * qd * ACT if q else 0) + (N * qd * ACT if weighted else 0)
+    if weighted:  # the softmax's output; with dropout its mask, and the dropped-out weights if v needs a gradient
+        saved += (3 if config.dropout > 0 and v else 2 if config.dropout > 0 else 1) * scores
+        saved += context * context if config.attention == "reference" and context > 1 else 0  # bool causal mask
+    elif v:  # v's gradient alone: the weights v was multiplied by
+        saved += scores
+    return saved + (N * qd * ACT if o else 0)
 
 
 def _final_norm_saved(config: Config, N: int) -> int:
@@ -276,7 +307,7 @@ def activations(config: Config, batch: int, context: int) -> Activations:
         + _final_norm_saved(config, N)
         + N * C * ACT  # the loss's gradient of the hidden states, taken in its forward
     )
-    return Activations(block=block, block_input=N * C * ACT, outside=outside, n_layer=config.n_layer)
+    return Activations(block=block, block_input=N * C * ACT, outside=outside, n_layer=config.n_layer, first_block=block)
 
 
 # --- training memory --------------------------------------------------------------------------
@@ -385,42 +416,458 @@ def training_memory(config: Config, batch: int, context: int) -> Training:
     `backward_phases`; `peak_phase` names it ("loss" when the vocabulary and the
     activations dominate, "embeddings" when the weights do).
     """
-    P = count_params(config).total * 4
-    acts = activations(config, batch, context)
-    plain = backward_phases(config, batch, context, checkpointing=False)
-    ckpt = backward_phases(config, batch, context, checkpointing=True)
-    resident = P + 2 * P  # weights and AdamW moments
+    plain, ckpt = (training_plan(config, batch, context, Setup(checkpointing=c)) for c in (False, True))
     return Training(
-        weights=P,
-        gradients=P,
-        adamw=2 * P,
-        activations=acts.saved,
-        activations_checkpointed=acts.checkpointed,
+        weights=plain.weights,
+        gradients=plain.gradients,
+        adamw=plain.moments,
+        activations=plain.activations,
+        activations_checkpointed=ckpt.activations,
         loss_blocks=loss_block_bytes(batch * context, config.vocab_size),
-        peak=resident + max(plain.values()),
-        peak_checkpointed=resident + max(ckpt.values()),
-        peak_phase=max(plain, key=plain.__getitem__),
-        peak_phase_checkpointed=max(ckpt, key=ckpt.__getitem__),
+        peak=plain.peak,
+        peak_checkpointed=ckpt.peak,
+        peak_phase=plain.peak_phase,
+        peak_phase_checkpointed=ckpt.peak_phase,
     )
 
 
-def check_training_fits(config: Config, batch: int, context: int, checkpointing: bool, available: int | None) -> None:
+# --- the optimizer ------------------------------------------------------------------------------
+OPTIMIZERS = ("adamw", "adamw8bit")  # `TrainConfig.optimizer`
+# `lmforge.train.adamw8bit` (which imports torch, so the numbers are repeated here; the tests hold them equal)
+ADAMW8BIT_BLOCK = 256  # values per fp32 absmax
+ADAMW8BIT_CHUNK = 256 * 1024  # values per pass of the step
+ADAMW8BIT_MIN_SIZE = 4096  # tensors with fewer values keep fp32 moments
+# the two 8-bit codes (256 fp32 values each, m's signed, v's unsigned) and their
+# nearest-code tables (65,536 uint8 each), made at the first step and kept
+ADAMW8BIT_CODES = 2 * (256 * 4 + 65536)
+
+
+def quantized_moments(numel: int, optimizer: str) -> bool:
+    """Whether a tensor of `numel` values gets 8-bit moments (`AdamW8bit.quantized`)."""
+    return optimizer == "adamw8bit" and numel >= ADAMW8BIT_MIN_SIZE
+
+
+def moment_bytes(numel: int, optimizer: str) -> int:
+    """Bytes of one tensor's two moments, as `AdamW8bit.state_bytes` counts them: fp32 m
+    and v (8 a value; torch's AdamW too), or one byte code each per value plus one fp32
+    absmax each per block of 256 values (2.03 bytes a value)."""
+    if quantized_moments(numel, optimizer):
+        return 2 * numel + 2 * 4 * math.ceil(numel / ADAMW8BIT_BLOCK)
+    return 8 * numel
+
+
+def step_buffers(numel: int, optimizer: str, paged: bool) -> int:
+    """Peak bytes one tensor's optimizer step allocates beyond the state (a scalar or two aside).
+
+    Torch's fused AdamW (in memory) updates in place: none. `AdamW8bit` walks the tensor
+    CHUNK values at a time; for n = min(numel, CHUNK) values (nb blocks) of an 8-bit
+    tensor its peak is in the quantization of v, which holds the dequantized m and v and
+    the update's denominator (3 x 4n), m's new codes and absmaxes (n + 4nb), and of its
+    own v's absmaxes and their reciprocals (2 x 4nb), the scaled values (4n), their
+    int32 grid indices (4n) and the codes those pick (n): 22n + 12nb. Its fp32 path
+    (small tensors, and every tensor of a paged 32-bit AdamW) updates m and v in place
+    and makes sqrt(v) and the denominator: 8n. Paged moments are dequantized where they
+    lie (the same CPU memory), so paging changes none of this.
+    """
+    if optimizer == "adamw" and not paged:
+        return 0
+    n = min(numel, ADAMW8BIT_CHUNK)
+    if quantized_moments(numel, optimizer):
+        return 22 * n + 12 * math.ceil(n / ADAMW8BIT_BLOCK)
+    return 8 * n
+
+
+# --- LoRA and QLoRA ------------------------------------------------------------------------------
+# `lmforge.finetune.lora` (which imports torch; the tests hold these equal)
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "fc", "proj")
+LORA_ALL_LINEAR = "all-linear"
+_LORA_ALIASES = {"up": ("up", "fc"), "fc": ("up", "fc"), "down": ("down", "proj"), "proj": ("down", "proj")}
+NF4_OFFSET_BYTES = 4  # double quantization's fp32 absmax offset, one per quantized weight
+
+
+def named_block_linears(config: Config) -> dict[str, tuple[int, int]]:
+    """`block_linears` by the layers' names in `lmforge.model` (what LoRA targets)."""
+    names = ("q", "k", "v", "o", *(("gate", "up", "down") if config.mlp == "swiglu" else ("fc", "proj")))
+    return dict(zip(names, block_linears(config), strict=True))
+
+
+def lora_targets(config: Config, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(out, in) of each block Linear that `targets` selects, by name, as
+    `lmforge.finetune.lora.resolve_targets` selects them (`up` and `fc` are one target,
+    as are `down` and `proj`); a target that selects nothing is refused the same way."""
+    linears = named_block_linears(config)
+    chosen: set[str] = set()
+    for target in targets:
+        if target == LORA_ALL_LINEAR:
+            found = set(linears)
+        elif target in LORA_TARGETS:
+            found = set(_LORA_ALIASES.get(target, (target,))) & set(linears)
+        else:
+            raise LmforgeError(f"unknown LoRA target {target!r}; choose among {', '.join(LORA_TARGETS)} or {LORA_ALL_LINEAR}")
+        if not found:
+            raise LmforgeError(f"LoRA target {target!r} matches no linear layer in this model; its layers are named "
+                               f"{', '.join(linears)} (or use {LORA_ALL_LINEAR})")
+        chosen |= found
+    return {name: shape for name, shape in linears.items() if name in chosen}
+
+
+def adapter_tensors(config: Config, r: int, targets: tuple[str, ...]) -> list[int]:
+    """The size of every adapter matrix, A (r, in) and B (out, r), in every block."""
+    chosen = lora_targets(config, targets)
+    narrowest = min(chosen, key=lambda name: min(chosen[name]))
+    if r > min(chosen[narrowest]):  # as `lmforge.finetune.lora.check_rank` refuses it
+        out, inp = chosen[narrowest]
+        raise LmforgeError(f"LoRA rank r={r} is larger than the layer {narrowest} ({inp} inputs, {out} outputs): its update "
+                           f"B A can have rank at most {min(out, inp)}: lower r (--lora-r) to at most {min(out, inp)}")
+    return config.n_layer * [n for out, inp in chosen.values() for n in (r * inp, out * r)]
+
+
+def base_weight_bytes(config: Config, quantize: str = "") -> int:
+    """The frozen base of a LoRA run as the recipes hold it: fp32, or with `quantize`
+    "nf4" (QLoRA, `lmforge.finetune.nf4.quantize_model`) every block Linear weight in NF4
+    with double quantization and everything else (embeddings, norms, biases, head) fp32."""
+    total = count_params(config).total * 4
+    if not quantize:
+        return total
+    linears = block_linears(config)
+    dense = config.n_layer * sum(o * i * 4 for o, i in linears)
+    packed = config.n_layer * sum(quantized_bytes(o, i, "nf4") + NF4_OFFSET_BYTES for o, i in linears)
+    return total - dense + packed
+
+
+def _norm_stats(config: Config, N: int) -> int:
+    """A norm's saved statistics: LayerNorm's mean and rstd, RMSNorm's rsqrt."""
+    return (2 if config.norm == "layernorm" else 1) * N * STAT
+
+
+def _lora_block_saved(config: Config, batch: int, context: int, r: int, adapted: set[str], first: bool) -> int:
+    """What one block saves for backward when only adapters on the `adapted` Linears train.
+
+    A frozen Linear saves nothing (its input serves only its weight's gradient); an
+    adapter saves its input (for A's gradient) and A x (N, r; for B's). A norm's input
+    and statistics, the attention kernel's tensors and the activation functions' inputs
+    are saved as in full training, but only where a gradient flows: the first block's
+    input comes from the frozen embeddings and needs none, so there autograd records
+    only from the first adapter on.
+    """
+    N, C, H = batch * context, config.n_embd, config.mlp_hidden
+    stream = not first  # the block's input needs a gradient
+    saved = len(adapted) * N * r * ACT
+    if stream:  # the first norm's input and statistics
+        saved += N * C * ACT + _norm_stats(config, N)
+    if adapted & {"q", "k", "v"}:  # its output, the adapters' input
+        saved += N * C * ACT
+    q, k, v = (stream or name in adapted for name in ("q", "k", "v"))
+    saved += _attention_saved(config, batch, context, q, k, v, o="o" in adapted)
+    attention_flows = q or k or v or "o" in adapted
+    residual = stream or attention_flows  # the mid-block residual needs a gradient
+    if config.dropout > 0 and attention_flows:
+        saved += N * C * ACT  # the attention output's dropout mask
+    if residual:  # the second norm's input and statistics
+        saved += N * C * ACT + _norm_stats(config, N)
+    if adapted & {"fc", "gate", "up"}:  # its output, the adapters' input
+        saved += N * C * ACT
+    if config.mlp == "swiglu":
+        gate, up = residual or "gate" in adapted, residual or "up" in adapted
+        # silu's input, silu(gate) (for up's gradient), up (for silu(gate)'s), down's input
+        saved += sum((gate, up, gate, "down" in adapted)) * N * H * ACT
+        mlp_flows = gate or up or "down" in adapted
+    else:
+        fc = residual or "fc" in adapted
+        saved += sum((fc, "proj" in adapted)) * N * H * ACT  # GELU's input; proj's input
+        mlp_flows = fc or "proj" in adapted
+    if config.dropout > 0 and mlp_flows:
+        saved += N * C * ACT  # the MLP output's dropout mask
+    return saved
+
+
+def lora_activations(config: Config, batch: int, context: int, r: int, targets: tuple[str, ...]) -> Activations:
+    """Saved-for-backward bytes of a LoRA (or QLoRA: the 4-bit layers save only their
+    own buffers) training forward and the loss, the base and its head frozen.
+
+    Outside the blocks: RoPE's tables, the final norm's input and statistics, and the
+    loss's gradient of h (a frozen head has none); the frozen embeddings keep no ids and
+    their dropout no mask.
+    """
+    N, C = batch * context, config.n_embd
+    adapted = set(lora_targets(config, targets))
+    rope = config.positions == "rope" and (config.n_layer > 1 or bool(adapted & {"q", "k"}))
+    outside = (2 * context * config.head_dim * ACT if rope else 0) + 2 * N * C * ACT + _norm_stats(config, N)
+    return Activations(
+        block=_lora_block_saved(config, batch, context, r, adapted, first=False),
+        block_input=N * C * ACT,
+        outside=outside,
+        n_layer=config.n_layer,
+        first_block=_lora_block_saved(config, batch, context, r, adapted, first=True),
+    )
+
+
+def _frozen_matmul(n_weight: int, out: int, quantize: str) -> int:
+    """Bytes a frozen Linear's matmul holds: its output; for an NF4 weight of `n_weight`
+    values also its dense fp32 copy (4 bytes a value), made from the packed codes widened
+    to int32 (2 bytes a value) and gathered from the level table."""
+    return max(6 * n_weight, 4 * n_weight + out) if quantize else out
+
+
+def _lora_mlp_phases(config: Config, N: int, r: int, adapted: set[str], quantize: str) -> dict[str, int]:
+    """What the top block's MLP holds beyond the saved tensors, in its forward (the
+    output projection's) and in its backward (the output projection's, then the
+    activation function's): the candidates of its peak. An adapted Linear's backward
+    runs the adapter's path first (its gradient of the input, then A's saved input is
+    freed), then the frozen base's, then sums the two."""
+    C, H = config.n_embd, config.mlp_hidden
+    R, Hh, n = N * C * ACT, N * H * ACT, C * H
+    out = "down" if config.mlp == "swiglu" else "proj"
+    mask = R if config.dropout > 0 else 0  # the MLP output's dropout mask, saved (freed as its gradient, as big, is made)
+    norm2_out = 0 if adapted & {"fc", "gate", "up"} else R  # alive as the MLP's argument, saved only for an adapter
+    hidden = 0 if out in adapted else Hh  # the output projection's input, saved only for its adapter
+    if out in adapted:  # the base's matmul after the adapter's path, then the sum (the incoming gradient freed)
+        projection = max(_frozen_matmul(n, Hh, quantize), 2 * Hh - mask)
+    else:
+        projection = _frozen_matmul(n, Hh, quantize)
+    # then the gradients into and out of silu(gate) * up, or GELU, with the output projection's input freed
+    activation = (3 if config.mlp == "swiglu" else 2) * Hh - (Hh - hidden) - mask
+    return {
+        # the output projection's forward: what the block saved before it (not the MLP
+        # output's dropout mask, nor the adapter's A x), its argument and input, the matmul
+        "forward": norm2_out + hidden - mask - (N * r * ACT if out in adapted else 0) + _frozen_matmul(n, R, quantize),
+        "backward": max(projection, activation),
+    }
+
+
+def lora_phases(config: Config, batch: int, context: int, r: int, targets: tuple[str, ...], checkpointing: bool,
+                quantize: str = "") -> dict[str, int]:
+    """`backward_phases` of a LoRA (QLoRA) step: bytes beyond the weights and moments at
+    each candidate peak. The frozen head makes no gradient, so the loss keeps only the
+    gradient of h and computes fewer rows at a time; the frozen norms make no weight
+    gradients; an NF4 Linear dequantizes its weight for each matmul, forward and backward."""
+    acts = lora_activations(config, batch, context, r, targets)
+    adapted = set(lora_targets(config, targets))
+    N, V, C = batch * context, config.vocab_size, config.n_embd
+    inputs = 2 * N * INDEX  # the batch's ids and labels, held by the caller all step
+    stored = acts.kept if checkpointing else acts.saved
+    # the top block: its activations recomputed (checkpointing) or still stored
+    top = acts.checkpointed if checkpointing else acts.saved
+    loss_and_final_norm = 2 * N * C * ACT + _norm_stats(config, N)
+    # LayerNorm's backward makes its input's gradient; RMSNorm's (autograd through its
+    # ops) has freed the loss's gradient of h and its rsqrt when it holds, at pow's
+    # backward, the gradients through h * rsqrt and the mean, pow's x ** 1 and its product with 2
+    final_norm = N * C * ACT if config.norm == "layernorm" else 4 * N * C * ACT - N * STAT
+    mlp = _lora_mlp_phases(config, N, r, adapted, quantize)
+    # the residual-stream gradient reaching the top block (and, with checkpointing, its recomputation)
+    incoming = N * C * ACT
+    return {
+        "loss": stored + inputs + loss_buffers(N, C, V, head_trains=False),
+        "final norm": stored + inputs + final_norm,
+        "top block (forward)": top - loss_and_final_norm + (incoming if checkpointing else 0) + mlp["forward"] + inputs,
+        "top block": top - loss_and_final_norm + incoming + mlp["backward"] + inputs,
+    }
+
+
+# --- a training setup: will it fit ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    """What a training run chooses that changes its memory, as the trainer's flags name it."""
+
+    optimizer: str = "adamw"  # --optimizer: adamw (fp32 moments) | adamw8bit (8-bit blockwise moments)
+    paged: bool = False  # --optimizer-states paged: the moments in memory-mapped files, which the OS pages out
+    checkpointing: bool = False  # --gradient-checkpointing
+    lora_r: int = 0  # --lora-r: adapters of this rank over a frozen base; 0: every weight trains
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # --lora-targets
+    quantize: str = ""  # --quantize nf4: the frozen base's block Linears in 4 bits (QLoRA)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise LmforgeError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise LmforgeError(f"--lora-r must be a positive integer (0: no LoRA), got {self.lora_r!r}")
+        if self.quantize not in ("", "nf4"):
+            raise LmforgeError(f"--quantize takes nf4, got {self.quantize!r}")
+        if self.quantize and not self.lora_r:
+            raise LmforgeError("--quantize nf4 freezes the base in 4 bits: train adapters with --lora-r (e.g. --lora-r 8)")
+        bad = [t for t in self.lora_targets if t not in (*LORA_TARGETS, LORA_ALL_LINEAR)]
+        if bad or not self.lora_targets:
+            choices = f"{', '.join(LORA_TARGETS)} or {LORA_ALL_LINEAR}"
+            raise LmforgeError(f"--lora-targets takes {choices}, got {list(self.lora_targets)}")
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_r > 0
+
+    def describe(self) -> str:
+        """"adamw8bit, paged moments, checkpointing, QLoRA r=8 on q,k,v,o": the setup in a few words."""
+        words = [self.optimizer, *(["paged moments"] if self.paged else []), *(["checkpointing"] if self.checkpointing else [])]
+        if self.lora:
+            words.append(f"{'QLoRA' if self.quantize else 'LoRA'} r={self.lora_r} on {','.join(self.lora_targets)}")
+        return ", ".join(words)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Memory of a steady-state training step of `setup` at (batch, context).
+
+    The moments of paged states live in memory-mapped files (`paged`): the OS writes
+    them out and reads them back as the step walks the tensors, so they count against
+    disk, not against the RAM a run needs. `peak` is what must be resident: the
+    weights, the in-memory moments, AdamW8bit's code tables and the largest of the
+    step's phases (`training_phases`).
+    """
+
+    setup: Setup
+    batch: int
+    context: int
+    trainable: int  # parameters that learn: all, or the adapters
+    weights: int  # every weight: the model's fp32 tensors, or the frozen base (NF4 blocks with QLoRA) and the adapters
+    gradients: int  # fp32, one per trainable parameter
+    moments: int  # the optimizer's state, resident or paged
+    paged: int  # the part of `moments` in memory-mapped files (not resident)
+    code_tables: int  # AdamW8bit's codes and nearest-code tables
+    step_buffers: int  # the optimizer step's transient working set (AdamW8bit's chunk buffers)
+    activations: int  # saved for backward (with checkpointing: the kept block inputs + one recomputed block)
+    peak: int  # resident bytes at the step's peak (modeled)
+    peak_phase: str  # the phase of `training_phases` that sets it
+
+    @property
+    def resident_moments(self) -> int:
+        return self.moments - self.paged
+
+    @property
+    def total(self) -> int:
+        """The rule of thumb, what stays resident: weights + gradients + moments + activations."""
+        return self.weights + self.gradients + self.resident_moments + self.code_tables + self.activations
+
+    def fits(self, available: int) -> bool:
+        return self.peak <= available
+
+
+def trainable_tensors(config: Config, setup: Setup) -> list[int]:
+    """The size of every tensor the optimizer steps: every parameter, or the adapters."""
+    if setup.lora:
+        return adapter_tensors(config, setup.lora_r, setup.lora_targets)
+    return param_tensors(config)
+
+
+def _step_buffers(tensors: list[int], setup: Setup) -> int:
+    """The optimizer step's working set: that of its largest tensor (one tensor at a time)."""
+    return max(step_buffers(n, setup.optimizer, setup.paged) for n in tensors)
+
+
+def training_phases(config: Config, batch: int, context: int, setup: Setup) -> dict[str, int]:
+    """Bytes beyond the resident weights and moments at each candidate peak of a step:
+    backward's phases (`backward_phases`, `lora_phases`), then the optimizer's step with
+    every gradient made, the batch, and the step's buffers."""
+    N = batch * context
+    tensors = trainable_tensors(config, setup)
+    if setup.lora:
+        phases = lora_phases(config, batch, context, setup.lora_r, setup.lora_targets, setup.checkpointing, setup.quantize)
+    else:
+        phases = backward_phases(config, batch, context, setup.checkpointing)
+    return {**phases, "optimizer step": 4 * sum(tensors) + 2 * N * INDEX + _step_buffers(tensors, setup)}
+
+
+def training_plan(config: Config, batch: int, context: int, setup: Setup = Setup()) -> Plan:
+    """Weights, gradients, moments, activations and the modeled peak of `setup`'s step."""
+    tensors = trainable_tensors(config, setup)
+    moments = sum(moment_bytes(n, setup.optimizer) for n in tensors)
+    if setup.lora:
+        weights = base_weight_bytes(config, setup.quantize) + 4 * sum(tensors)
+        acts = lora_activations(config, batch, context, setup.lora_r, setup.lora_targets)
+    else:
+        weights = count_params(config).total * 4
+        acts = activations(config, batch, context)
+    code_tables = ADAMW8BIT_CODES if any(quantized_moments(n, setup.optimizer) for n in tensors) else 0
+    phases = training_phases(config, batch, context, setup)
+    phase = max(phases, key=phases.__getitem__)
+    paged = moments if setup.paged else 0
+    return Plan(
+        setup=setup,
+        batch=batch,
+        context=context,
+        trainable=sum(tensors),
+        weights=weights,
+        gradients=4 * sum(tensors),
+        moments=moments,
+        paged=paged,
+        code_tables=code_tables,
+        step_buffers=_step_buffers(tensors, setup),
+        activations=acts.checkpointed if setup.checkpointing else acts.saved,
+        peak=weights + moments - paged + code_tables + phases[phase],
+        peak_phase=phase,
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _size(n: int) -> str:
+    """5.8 GiB, 406.6 MiB: bytes in the largest binary unit that keeps a digit before the point."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 2**shift:
+            return f"{n / 2**shift:,.1f} {unit}"
+    return f"{n} B"
+
+
+ALL_SWITCHES = "all of them"
+SWITCHES = {  # the trainer's flags that lower a step's memory, and the setup each gives
+    "--optimizer adamw8bit": {"optimizer": "adamw8bit"},
+    "--optimizer-states paged": {"paged": True},
+    "--gradient-checkpointing": {"checkpointing": True},
+}
+
+
+def remedies(config: Config, batch: int, context: int, setup: Setup) -> dict[str, int]:
+    """The switches of `SWITCHES` this setup does not use that would lower its peak, each
+    with the peak it gives alone, and `ALL_SWITCHES` with theirs together when more than one helps."""
+    need = training_plan(config, batch, context, setup).peak
+    unused = {flag: change for flag, change in SWITCHES.items() if any(getattr(setup, k) != v for k, v in change.items())}
+    peaks = {flag: training_plan(config, batch, context, replace(setup, **change)).peak for flag, change in unused.items()}
+    helps = {flag: peak for flag, peak in peaks.items() if peak < need}
+    if len(helps) > 1:
+        every = {k: v for flag in helps for k, v in SWITCHES[flag].items()}
+        helps[ALL_SWITCHES] = training_plan(config, batch, context, replace(setup, **every)).peak
+    return helps
+
+
+def describe_remedies(helps: dict[str, int], available: int | None = None) -> str:
+    """"--optimizer adamw8bit (9.8 GiB, fits), --optimizer-states paged (20.1 GiB) or
+    --gradient-checkpointing (23.5 GiB); all of them: 7.9 GiB, fits"."""
+
+    def need(peak: int) -> str:
+        return _size(peak) + (", fits" if available is not None and peak <= available else "")
+
+    singles = [f"{flag} ({need(peak)})" for flag, peak in helps.items() if flag != ALL_SWITCHES]
+    text = ", ".join(singles[:-1]) + " or " + singles[-1] if len(singles) > 1 else "".join(singles)
+    return text + (f"; {ALL_SWITCHES}: {need(helps[ALL_SWITCHES])}" if ALL_SWITCHES in helps else "")
+
+
+def check_training_fits(config: Config, batch: int, context: int, checkpointing: bool, available: int | None,
+                        optimizer: str = "adamw", paged: bool = False) -> None:
     """Refuse, with the numbers, a training run whose modeled peak exceeds the `available`
     bytes (None: unknown, nothing checked), before anything is allocated: an absurd size
-    (`--set n_layer=100000`) must fail in milliseconds, not swap for a quarter of an hour."""
+    (`--set n_layer=100000`) must fail in milliseconds, not swap for a quarter of an hour.
+    The message breaks the need down and names the switches that would lower it."""
     if available is None:
         return
-    t = training_memory(config, batch, context)
-    need = t.peak_checkpointed if checkpointing else t.peak
-    if need > available:
-        gib = 2**30
-        raise LmforgeError(
-            f"this run needs about {need / gib:,.1f} GiB to train ({count_params(config).total / 1e6:,.1f}M parameters: "
-            f"weights, gradients and AdamW moments {(t.weights + t.gradients + t.adamw) / gib:,.1f} GiB, at batch {batch} x "
-            f"context {context}), but only {available / gib:,.1f} GiB are available; choose a smaller model (--preset, "
-            "--set n_layer=... / n_embd=...), a smaller --batch-size or --context-length"
-            + ("" if checkpointing else ", or --gradient-checkpointing")
-        )
+    setup = Setup(optimizer=optimizer, paged=paged, checkpointing=checkpointing)
+    plan = training_plan(config, batch, context, setup)
+    if plan.fits(available):
+        return
+    helps = remedies(config, batch, context, setup)
+    millions = count_params(config).total / 1e6
+    raise LmforgeError(
+        f"this run needs about {_gib(plan.peak)} to train ({millions:,.1f}M parameters at batch {batch} x context {context}, "
+        f"{setup.describe()}: {breakdown(plan)}), but only {_gib(available)} are available; "
+        "choose a smaller model (--preset, --set n_layer=... / n_embd=...), a smaller --batch-size or --context-length"
+        + (f", or lower the need with {describe_remedies(helps, available)}" if helps else "")
+    )
+
+
+def breakdown(plan: Plan) -> str:
+    """"weights 5.8 GiB, gradients 5.8 GiB, moments 2.9 GiB, activations 406.6 MiB, peak at embeddings"."""
+    paged = f" (+ {_size(plan.paged)} paged to disk)" if plan.paged else ""
+    return (f"weights {_size(plan.weights)}, gradients {_size(plan.gradients)}, moments {_size(plan.resident_moments)}{paged}, "
+            f"activations {_size(plan.activations)}, peak at {plan.peak_phase}")
 
 
 # --- everything at once ----------------------------------------------------------------------
@@ -437,16 +884,22 @@ class Estimate:
     kv_bytes_per_token: int
     kv_bytes: int  # batch * context tokens
     training: Training
+    plan: Plan | None = None  # the training step of a given `Setup` (`lmforge estimate --train`)
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["params"]["total"] = self.params.total
         d["training"]["total"] = self.training.total
+        if self.plan is not None:
+            d["plan"]["total"] = self.plan.total
+            d["plan"]["resident_moments"] = self.plan.resident_moments
         return d
 
 
-def estimate(config: Config, dtype: str = "fp32", context: int | None = None, batch: int = 1) -> Estimate:
-    """Parameters, weights in every dtype, KV cache in `dtype`, fp32 AdamW training memory."""
+def estimate(config: Config, dtype: str = "fp32", context: int | None = None, batch: int = 1,
+             setup: Setup | None = None) -> Estimate:
+    """Parameters, weights in every dtype, KV cache in `dtype`, fp32 AdamW training
+    memory, and with `setup` the plan of that training step."""
     _check_dtype(dtype)
     context = config.context_length if context is None else context
     if not 1 <= context <= config.context_length:
@@ -466,4 +919,5 @@ def estimate(config: Config, dtype: str = "fp32", context: int | None = None, ba
         kv_bytes_per_token=kv_cache_bytes_per_token(config, dtype),
         kv_bytes=kv_cache_bytes(config, dtype, context, batch),
         training=training_memory(config, batch, context),
+        plan=None if setup is None else training_plan(config, batch, context, setup),
     )

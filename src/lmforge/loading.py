@@ -6,13 +6,18 @@ folder, a llama2.c `.bin`: each source's reader lives with its format (`weights`
 `train.checkpoint`, `finetune.adapter`, `interop`), and this module, above them all, picks
 the reader (`resolve_model_path`), or says what the path is instead of a model and which
 paths are. Nothing below imports it.
+
+`load_quantized` reads the same sources into QLoRA's frozen base: the model `load` gives
+with its blocks' linear layers in NF4, each quantized as its weight is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -31,9 +36,9 @@ from lmforge.finetune.adapter import (
     same_weights,
     weights_fingerprint,
 )
-from lmforge.finetune.nf4 import quantize_model
-from lmforge.interop.hf import HF_INDEX, config_from_hf, load_hf
-from lmforge.interop.llama2c import load_llama2c, read_header
+from lmforge.finetune.nf4 import build_quantized, quantize_model
+from lmforge.interop.hf import HF_INDEX, config_from_hf, hf_stream, load_hf
+from lmforge.interop.llama2c import llama2c_stream, load_llama2c, read_header
 from lmforge.model import GPT
 from lmforge.tokenizer.tokenizer import TOKENIZER_FILE
 from lmforge.train.checkpoint import (
@@ -49,7 +54,7 @@ from lmforge.train.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
-from lmforge.weights import WEIGHTS, load_pretrained, load_tokenizer, with_labels
+from lmforge.weights import WEIGHTS, TensorStream, load_pretrained, load_tokenizer, pretrained_stream, with_labels
 
 MODEL_PATHS = (  # every path a user may name a model by, as errors list them
     f"a model folder (config.json + {WEIGHTS}, ours or Hugging Face's)",
@@ -76,18 +81,70 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     llama2.c `.bin`, a training run, a checkpoint, a quickstart's folder, a LoRA adapter on
     the base it names), with `.tokenizer` set."""
     source = resolve_model_path(path)
-    if is_adapter_dir(source):  # a LoRA adapter (or a LoRA run's checkpoint): its base + the adapter
+    kind = _format_of(source)
+    if kind == "adapter":  # a LoRA adapter (or a LoRA run's checkpoint): its base + the adapter
         return load_adapted(source, device=device)
-    if source.is_file():
+    if kind == "llama2c":
         return load_llama2c(source, device=device)
+    if kind == "hf":
+        return load_hf(source, device=device)  # also explains sharded or pickle-only folders
+    return load_pretrained(source, device=device)
+
+
+def _format_of(source: Path) -> str:
+    """Which reader a resolved model path takes: "adapter", "llama2c", "hf" or "ours"."""
+    if is_adapter_dir(source):
+        return "adapter"
+    if source.is_file():
+        return "llama2c"
     if (source / "config.json").is_file():
         if _is_hf_config(source):
-            return load_hf(source, device=device)  # also explains sharded or pickle-only folders
+            return "hf"
         if (source / WEIGHTS).is_file():
-            return load_pretrained(source, device=device)
+            return "ours"
     if (source / HF_INDEX).is_file():
-        return load_hf(source, device=device)
+        return "hf"
     raise ModelPathError(source, f"a model folder without its weights (config.json but no {WEIGHTS})")
+
+
+STREAMS: dict[str, Callable[[Path], TensorStream]] = {"llama2c": llama2c_stream, "hf": hf_stream, "ours": pretrained_stream}
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    skip: Callable[[str], bool] | Collection[str] = (),
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> GPT:
+    """What `load(path)` then `quantize_model(model, skip, block_size, double_quant)` give, bit for
+    bit (the same NF4 codes and statistics, the same logits), without the dense model ever
+    whole in memory: QLoRA's frozen base.
+
+    Each block's linear weight is quantized as soon as it is read and let go
+    (`finetune.nf4.build_quantized`), so the peak is the 4-bit model plus one dense
+    tensor, where loading first holds the dense model (gpt2: half the peak RSS from our
+    folder, a third from a Hugging Face one; benchmarks/bench_finetune_memory.py --only load).
+    Every path `load` reads streams: our model folder, a training run or checkpoint, a
+    quickstart's folder, a Hugging Face folder (sharded or not), a llama2.c `.bin`.
+    `dtype` casts every tensor before quantizing (None keeps the file's). A LoRA adapter
+    folder is refused: its adapters sit on the dense layers; `load` gives it, over an NF4
+    base when it was trained over one.
+    """
+    source = resolve_model_path(path)
+    kind = _format_of(source)
+    if kind == "adapter":
+        raise LmforgeError(
+            f"{source} is a LoRA adapter folder, whose adapters sit on its base's dense layers: lmforge.load gives the adapted "
+            "model (over an NF4 base when it was trained over one); to quantize it, merge_lora it first, then quantize_model"
+        )
+    stream = STREAMS[kind](source)
+    if dtype is not None:
+        stream = dataclasses.replace(stream, dtype=dtype)
+    model = build_quantized(stream, device, skip, block_size, double_quant)
+    model.tokenizer = stream.tokenizer
+    return model
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -264,13 +321,18 @@ def load_adapted(
     is any path `lmforge.load` reads, and is refused when its weights are not the ones
     the adapter records (their sha256) or its architecture differs. An adapter trained
     over an NF4 base (QLoRA) gets the base quantized the same way (the adapter's
-    `quantize` records how), which reproduces the model it was trained and evaluated as;
+    `quantize` records how), which reproduces the model it was trained and evaluated as
+    (`load_quantized` builds it as it reads the base: the dense base is never whole);
     `dense_base` keeps the base in full precision instead (what merging wants). A
     classifier's adapter gets its classification head back.
     """
     meta = read_adapter_config(adapter)
     source = find_adapter_base(adapter, base)
-    model = load(source, device=device)
+    scheme = meta.get("quantize")
+    if scheme == "nf4" and not dense_base and _format_of(source) != "adapter":
+        model = load_quantized(source, device=device)
+    else:
+        model = load(source, device=device)
     labels = (meta.get("base_config") or {}).get("labels")
     if labels and getattr(model.config, "labels", None) != labels:
         if "score.weight" not in meta.get("trainable", []):
@@ -279,11 +341,10 @@ def load_adapted(
     if base is not None:  # given by hand: the architecture first (its message names each field), then the weights
         check_base_config(meta, model, str(adapter))
         _check_base_weights(adapter, meta, base, source)
-    scheme = meta.get("quantize")
     if scheme and not dense_base:
         if scheme != "nf4":
             raise LmforgeError(f"adapter {adapter} was trained over a {scheme!r} base, which this lmforge cannot rebuild (it knows nf4)")
-        quantize_model(model)
+        quantize_model(model)  # nothing left to do for a base `load_quantized` read
     load_adapter(model, adapter)
     tokenizer = load_tokenizer(Path(adapter))  # a training run's adapter carries its tokenizer (and chat template)
     if tokenizer is not None:

@@ -6,17 +6,24 @@ stored once, as the embedding. This module sits just above the model and imports
 nothing higher: the converters (`lmforge.interop`), adapters (`lmforge.finetune`) and
 checkpoints (`lmforge.train`) build on it, and `lmforge.loading.load` dispatches to
 all of them.
+
+A loader that must not hold the whole model at once (QLoRA's, which quantizes each
+layer as it arrives) reads a `TensorStream`: the config, then the tensors one at a
+time, each read from the file only when it is reached (`StoredTensor.read`).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from lmforge.config import Config
@@ -140,6 +147,103 @@ def load_tokenizer(path: Path) -> object | None:
     return Tokenizer.from_dict(doc, source=str(file))
 
 
+# --- reading one tensor at a time ------------------------------------------------------------
+# safetensors' dtype names (the ones a model's weights use)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file as its header places it: found, not read."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the file
+    end: int
+
+    @property
+    def meta(self) -> torch.Tensor:
+        """A stand-in with its shape and dtype and no memory, for the name and shape checks."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+    def read(self) -> torch.Tensor:
+        """The tensor, read into memory of its own with read(2).
+
+        Not through a memory map: a mapped file's pages stay resident (and count in
+        the process's RSS) for as long as any tensor viewing the map lives, so a
+        loader that keeps the embedding would keep the whole file; nor through a
+        second copy: the bytes land in the tensor's own storage.
+        """
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        with open(self.file, "rb") as f:
+            f.seek(self.start)
+            got = f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+        if got != self.end - self.start:
+            raise LmforgeError(f"{self.file} ends inside the bytes of a tensor its header lists (was it changed while being read?)")
+        return tensor
+
+
+def stored_tensors(file: Path, hint: str = "it may be truncated") -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors file by name, located from its header, none read yet.
+
+    safetensors checks the file first (a bad header, offsets past the end: the
+    LmforgeError `load_file` would give, with `hint`); the header is then only the
+    format's own: a little-endian u64 length, then JSON {name: {dtype, shape,
+    data_offsets}} with offsets counted from the end of the header.
+    """
+    try:
+        with safe_open(file, framework="numpy"):  # not "pt": that maps the file as one torch storage
+            pass
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"{file} is not a readable safetensors file ({e}); {hint}") from None
+    header.pop("__metadata__", None)
+    start = 8 + length
+    unknown = sorted({e["dtype"] for e in header.values()} - set(SAFETENSORS_DTYPES))
+    if unknown:
+        raise LmforgeError(f"{file} holds tensors of dtype {', '.join(unknown)}, which no lmforge model has")
+    return {
+        name: StoredTensor(file, SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), start + e["data_offsets"][0], start + e["data_offsets"][1])
+        for name, e in header.items()
+    }
+
+
+@dataclass
+class TensorStream:
+    """A model's weights as a loader reads them one at a time (what builds QLoRA's 4-bit base).
+
+    The names and shapes were checked against `config` before the first tensor is
+    read, as the whole-model loaders check them. `tensors` yields our names (a tied
+    head left out), each tensor read from the file only when reached, so whoever
+    consumes it and lets each one go holds one at a time. `dtype` is what every
+    tensor becomes, as `model_from_state_dict` casts them: the embedding's.
+    """
+
+    config: Config
+    dtype: torch.dtype
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    source: str  # the file or folder, for messages
+    tokenizer: object | None = None
+
+
+def pretrained_stream(path: str | os.PathLike) -> TensorStream:
+    """Our model folder's weights one tensor at a time (what `load_pretrained` reads whole)."""
+    path = Path(path)
+    config = Config.load(path)
+    file = path / WEIGHTS
+    stored = stored_tensors(file)
+    check_tensors({k: s.meta for k, s in stored.items()}, expected_shapes(config), str(file))
+    tensors = ((name, s.read()) for name, s in stored.items())
+    return TensorStream(config, stored["tok_emb.weight"].dtype, tensors, str(file), load_tokenizer(path))
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """Our model folder -> a GPT in eval mode, with `.tokenizer` set (None if the folder has none)."""
     path = Path(path)
@@ -164,12 +268,18 @@ def carry_trunk(source: GPT, target: GPT, *, assign: bool = False) -> None:
 
 
 def with_labels(model: GPT, labels: list[str]) -> GPT:
-    """The same model (the same weight tensors, no copy) rebuilt with an empty classification
-    head for `labels`, for a loader about to fill it (an adapter file holds its weights)."""
+    """The same model (its very modules, no copy) rebuilt with an empty classification head for
+    `labels`, for a loader about to fill it (an adapter file holds its weights).
+
+    The modules move over whatever their layers hold, so a model whose blocks are in 4
+    bits (`lmforge.finetune.nf4`) keeps them: a state dict would not fit a dense GPT's.
+    """
     device, dtype = model.tok_emb.weight.device, model.tok_emb.weight.dtype
     with torch.device("meta"):
         fresh = GPT(model.config.replace(labels=list(labels)))
-    carry_trunk(model, fresh, assign=True)
+    for name, module in model.named_children():
+        if name != "score":
+            setattr(fresh, name, module)
     fresh.score.to_empty(device=device)
     fresh.score.to(dtype)
     fresh = retie(fresh, device)

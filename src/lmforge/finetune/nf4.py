@@ -22,11 +22,14 @@ their absmax but the last, partial one is divided by it), the code copies it and
 
 `Linear4bit` is the layer (its weight as buffers, dequantized on the fly in forward
 and again in backward so the input still gets its gradient) and `quantize_model`
-puts it in place of every linear layer of a GPT's blocks.
+puts it in place of every linear layer of a GPT's blocks. `build_quantized` builds that
+same model while its weights are read, one tensor at a time (`weights.TensorStream`),
+so that the dense blocks (in fp32, 7.8 times their 4-bit size) never exist whole.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model import GPT
+from lmforge.weights import TensorStream, retie
 
 # The NF4 levels as bitsandbytes stores them (fp32, ascending): quantiles of N(0, 1),
 # 8 for the positive half and 7 for the negative one plus an exact zero, scaled to
@@ -374,10 +379,18 @@ class Linear4bit(nn.Linear):
         """A 4-bit copy of `linear` (the bias tensor is shared, not copied, and frozen)."""
         if linear.weight is None or linear.weight.dim() != 2:
             raise LmforgeError(f"{type(linear).__name__} has no dense 2-D weight to quantize")
+        return cls.from_weight(linear.weight, linear.bias, block_size, double_quant)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int = 64, double_quant: bool = True
+    ) -> Linear4bit:
+        """A 4-bit layer of this (out, in) weight and bias (shared, not copied, and frozen), with no
+        nn.Linear around them: what a loader quantizing weights as it reads them builds."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        layer._setup(quantize_nf4(linear.weight.detach(), block_size, double_quant), bias)
+        frozen = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        layer._setup(quantize_nf4(weight.detach(), block_size, double_quant), frozen)
         return layer
 
     def _setup(self, q: NF4Weight, bias: nn.Parameter | None) -> None:
@@ -468,14 +481,7 @@ def quantize_model(
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Module):
         raise LmforgeError(f"quantize_model expects an lmforge GPT (a model with .blocks), got {type(model).__name__}")
-    if callable(skip):
-        skipped_by = skip
-    else:
-        names = frozenset(skip)
-
-        def skipped_by(name: str) -> bool:
-            return name in names or name.rsplit(".", 1)[-1] in names
-
+    skipped_by = _skip_rule(skip)
     layers = params = nbytes = dense = 0
     skipped = []
     for rel, module in list(blocks.named_modules()):
@@ -504,3 +510,79 @@ def quantize_model(
         "bytes_per_param": nbytes / params if params else 0.0,
         "skipped": skipped,
     }
+
+
+def _skip_rule(skip: Callable[[str], bool] | Collection[str]) -> Callable[[str], bool]:
+    """`quantize_model`'s `skip` as a function of a layer's full name."""
+    if callable(skip):
+        return skip
+    names = frozenset(skip)
+    return lambda name: name in names or name.rsplit(".", 1)[-1] in names
+
+
+def quantized_summary(model: nn.Module) -> dict[str, Any]:
+    """What `quantize_model` reports, read off a model whose blocks are in 4 bits already
+    (`build_quantized` built it so): every Linear4bit of the blocks; the dense ones are `skipped`."""
+    quantized, skipped = [], []
+    for rel, module in model.blocks.named_modules():
+        if isinstance(module, Linear4bit):
+            quantized.append(module.quantized)
+        elif isinstance(module, nn.Linear):
+            skipped.append(f"blocks.{rel}")
+    params = sum(q.numel for q in quantized)
+    nbytes = sum(q.nbytes for q in quantized)
+    return {
+        "layers": len(quantized),
+        "params": params,
+        "bytes": nbytes,
+        "dense_bytes": sum(q.numel * q.dtype.itemsize for q in quantized),
+        "bytes_per_param": nbytes / params if params else 0.0,
+        "skipped": skipped,
+    }
+
+
+def build_quantized(
+    stream: TensorStream,
+    device: str | torch.device = "cpu",
+    skip: Callable[[str], bool] | Collection[str] = (),
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> GPT:
+    """The model (eval mode) the whole-model loaders give and `quantize_model` then turns to 4
+    bits, bit for bit, built while `stream` is read: the dense model never exists whole.
+
+    The model starts on the meta device (no memory). Each tensor, as it arrives, is cast
+    as the whole-model loaders cast it (`stream.dtype`, on `device`); a block's linear
+    weight (unless `skip` names it) becomes a `Linear4bit` at once, quantized exactly as
+    `quantize_model` would have quantized the loaded weight, and the dense tensor is let
+    go; every other tensor (embeddings, norms, biases, the head) is the model's own.
+    So the peak is the finished model plus one dense tensor and its quantization's
+    temporaries (for gpt2, an MLP weight: 9 MiB) instead of the whole dense model.
+    """
+    with torch.device("meta"):
+        model = GPT(stream.config)
+    skipped_by = _skip_rule(skip)
+    quantize = {f"{name}.weight": name for name, _ in model.named_linears() if not skipped_by(name)}
+    kept: dict[str, torch.Tensor] = {}
+    for name, tensor in stream.tensors:
+        tensor = tensor.to(device=device, dtype=stream.dtype)
+        layer = quantize.pop(name, None)
+        if layer is None:
+            kept[name] = tensor
+        else:
+            _put_4bit(model, layer, tensor, block_size, double_quant)
+        del tensor  # the dense weight goes before the next one is read
+    model.load_state_dict(kept, strict=False, assign=True)  # into the 4-bit layers too: their biases
+    retie(model, device)
+    unread = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if unread:
+        raise LmforgeError(f"{stream.source} gave no {', '.join(unread[:4])}{' ...' if len(unread) > 4 else ''}")
+    return model.eval()
+
+
+def _put_4bit(model: GPT, name: str, weight: torch.Tensor, block_size: int, double_quant: bool) -> None:
+    """Swap the (meta) linear layer `name` for a Linear4bit of `weight`; its bias stays the
+    layer's until the loader assigns the real one."""
+    parent, _, leaf = name.rpartition(".")
+    linear = model.get_submodule(name)
+    setattr(model.get_submodule(parent), leaf, Linear4bit.from_weight(weight, linear.bias, block_size, double_quant))

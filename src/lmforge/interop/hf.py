@@ -19,10 +19,10 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -35,13 +35,15 @@ from lmforge.io import atomic_file, atomic_write_text
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.llama2c import Llama2cTokenizer
-from lmforge.weights import check_tensors, meta_state_dict, model_from_state_dict
+from lmforge.weights import StoredTensor, TensorStream, check_tensors, meta_state_dict, model_from_state_dict, stored_tensors
 
 # Hugging Face's file names (HF_WEIGHTS is spelled as our `weights.WEIGHTS` but holds their names)
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+DOWNLOAD_AGAIN = "it may be truncated: download it again"
+T = TypeVar("T")  # what a reader gives for each stored tensor: the tensor, or where it lies (`StoredTensor`)
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: there is one of each
@@ -363,21 +365,33 @@ def state_dict_from_hf(
     """Hugging Face names and layouts -> our state dict, after checking every name and shape."""
     hf = _normalized(hf_state_dict, config)
     check_tensors(hf, expected_hf_shapes(config), source)
+    return dict(_ours_from_hf(hf, lambda t: t, config))
+
+
+def _ours_from_hf(hf: Mapping[str, T], read: Callable[[T], torch.Tensor], config: Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our tensors by name from Hugging Face's (normalized and checked), reading one of
+    theirs at a time (`read`) in module order: Conv1D weights transposed, GPT-2's fused
+    q, k, v split."""
     ours = _our_shapes(config)
-    out = {}
     for mine, theirs, conv1d in module_map(config):
         for suffix in ("weight", "bias"):
             key = f"{theirs}.{suffix}"
-            if key not in hf:
-                continue
-            t = hf[key].t() if conv1d and suffix == "weight" else hf[key]
-            sizes = [ours[f"{m}.{suffix}"][0] for m in mine]
-            for m, piece in zip(mine, t.split(sizes), strict=True):
-                out[f"{m}.{suffix}"] = piece.contiguous()
-    return out
+            if key in hf:
+                names = [f"{m}.{suffix}" for m in mine]
+                yield from _pieces(read(hf[key]), names, [ours[n][0] for n in names], conv1d and suffix == "weight")
 
 
-def _normalized(hf_state_dict: Mapping[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+def _pieces(t: torch.Tensor, names: list[str], sizes: list[int], conv1d: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """One Hugging Face tensor as ours: transposed if Conv1D, split along the output dimension.
+
+    A generator of its own, so that its tensor is let go once its pieces are given: the
+    next one is read only then.
+    """
+    for name, piece in zip(names, (t.t() if conv1d else t).split(sizes), strict=True):
+        yield name, piece.contiguous()
+
+
+def _normalized(hf_state_dict: Mapping[str, T], config: Config) -> dict[str, T]:
     """Add the backbone prefix base-model files lack; drop buffers and a tied head's copy."""
     family = family_of(config)
     out = {}
@@ -415,6 +429,20 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     return model
 
 
+def hf_stream(path: str | os.PathLike) -> TensorStream:
+    """A Hugging Face folder's weights as our tensors, one of theirs read at a time (what
+    `load_hf` reads whole), the names and shapes checked first; shards are read in turn."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LmforgeError(f"{path} is not a folder; a Hugging Face model is a folder with {HF_CONFIG} and {HF_WEIGHTS}")
+    config = config_from_hf(read_json(path / HF_CONFIG))
+    stored = _normalized(_hf_tensors(path, lambda file: stored_tensors(file, DOWNLOAD_AGAIN)), config)
+    check_tensors({k: s.meta for k, s in stored.items()}, expected_hf_shapes(config), str(path))
+    embedding = next(theirs for ours, theirs, _ in module_map(config) if ours == ("tok_emb",))
+    tensors = _ours_from_hf(stored, StoredTensor.read, config)
+    return TensorStream(config, stored[f"{embedding}.weight"].dtype, tensors, str(path), load_hf_tokenizer(path))
+
+
 def from_hf_state_dict(
     hf_config: Mapping[str, Any],
     hf_state_dict: Mapping[str, torch.Tensor],
@@ -431,10 +459,15 @@ def from_hf_state_dict(
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors or of the shards its index names; never a pickle."""
+    return _hf_tensors(path, _read_safetensors)
+
+
+def _hf_tensors(path: Path, read: Callable[[Path], dict[str, T]]) -> dict[str, T]:
+    """`read` of model.safetensors, or of each shard its index names (all of them checked first)."""
     if (path / HF_WEIGHTS).is_file():
-        return _read_safetensors(path / HF_WEIGHTS)
+        return read(path / HF_WEIGHTS)
     if (path / HF_INDEX).is_file():
-        return _read_shards(path)
+        return _read_shards(path, read)
     pickles = sorted(p.name for pattern in PICKLED for p in path.glob(pattern))
     if pickles:
         raise LmforgeError(
@@ -449,10 +482,10 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
     except (SafetensorError, OSError) as e:
-        raise LmforgeError(f"{file} is not a readable safetensors file ({e}); it may be truncated: download it again") from None
+        raise LmforgeError(f"{file} is not a readable safetensors file ({e}); {DOWNLOAD_AGAIN}") from None
 
 
-def _read_shards(path: Path) -> dict[str, torch.Tensor]:
+def _read_shards(path: Path, read: Callable[[Path], dict[str, T]]) -> dict[str, T]:
     weight_map = read_json(path / HF_INDEX).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise LmforgeError(f"{path / HF_INDEX} has no weight_map (name -> shard file)")
@@ -467,9 +500,9 @@ def _read_shards(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: shard file(s) {', '.join(missing)} listed in {HF_INDEX} are missing "
             f"(they hold {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}); download them again"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, T] = {}
     for shard in shards:
-        tensors.update(_read_safetensors(path / shard))
+        tensors.update(read(path / shard))
     absent = [k for k in weight_map if k not in tensors]
     if absent:
         raise LmforgeError(f"{path}: {HF_INDEX} lists {absent[:3]} but their shard files do not hold them")

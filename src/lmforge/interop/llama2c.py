@@ -39,7 +39,7 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.tokenizer.llama2c import Llama2cTokenizer
-from lmforge.weights import empty_model
+from lmforge.weights import TensorStream, empty_model
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32 (the bytes on disk read "24ka")
 V0_HEADER_BYTES = 7 * 4
@@ -292,9 +292,28 @@ def load_llama2c(
     header = read_header(path)
     model = empty_model(header.config(path.stem), device)
     _copy_weights(model, llama2c_tensors(read_arrays(path, header), header))
-    tok_file = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(path, header.vocab_size)
-    model.tokenizer = Llama2cTokenizer.load_bin(tok_file, header.vocab_size) if tok_file is not None else None
+    model.tokenizer = _tokenizer(path, header, tokenizer_path)
     return model.eval()
+
+
+def llama2c_stream(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> TensorStream:
+    """A llama2.c checkpoint's weights one tensor at a time (`llama2c_tensors`), in the default
+    dtype as `load_llama2c` gives them, for a loader that builds the model as they come.
+
+    The floats are read through a memory map of the file, as `load_llama2c` reads them:
+    the pages read stay mapped (clean page cache, counted in RSS) until the stream is
+    done with; the tensors themselves come one at a time.
+    """
+    path = Path(path)
+    header = read_header(path)
+    tensors = llama2c_tensors(read_arrays(path, header), header)
+    return TensorStream(header.config(path.stem), torch.get_default_dtype(), tensors, str(path), _tokenizer(path, header, tokenizer_path))
+
+
+def _tokenizer(path: Path, header: Llama2cHeader, tokenizer_path: str | os.PathLike | None) -> Llama2cTokenizer | None:
+    """`tokenizer_path`, else the tokenizer llama2.c keeps beside the model; None when there is none."""
+    tok_file = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(path, header.vocab_size)
+    return Llama2cTokenizer.load_bin(tok_file, header.vocab_size) if tok_file is not None else None
 
 
 def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path | None:

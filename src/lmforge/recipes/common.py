@@ -8,12 +8,13 @@ in it or --overwrite replaces it (only a run folder, never one that holds the ru
 Fine-tuning recipes load the base (any folder `lmforge.load` reads), give it a
 classification head when the task has labels, then pick the trainable weights: all of
 them, the last N blocks (with the final norm and the head), or LoRA adapters over a
-frozen base, optionally held in 4 bits (QLoRA).
+frozen base, optionally held in 4 bits (QLoRA), which is then built in 4 bits as it is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import json
@@ -24,15 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from lmforge.config import Config
 from lmforge.data.batches import EXAMPLE_SPLITS, EpochBatches
 from lmforge.errors import LmforgeError
-from lmforge.finetune.adapter import load_adapter, save_adapter
+from lmforge.finetune.adapter import is_adapter_dir, load_adapter, save_adapter
 from lmforge.finetune.lora import LoRAConfig, apply_lora, count_parameters, lora_layers, merge_lora
-from lmforge.finetune.nf4 import quantize_model
+from lmforge.finetune.nf4 import quantize_model, quantized_summary
 from lmforge.io import LOCK_FILE, atomic_write_text, lock_folder, remove_dir
-from lmforge.loading import load, resolve_model_path
+from lmforge.loading import load, load_config, load_quantized, resolve_model_path
 from lmforge.model import GPT
 from lmforge.recipes.config import FinetuneConfig
 from lmforge.recipes.replay import open_replay
@@ -42,7 +45,7 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, init_distributed, shutdown
 from lmforge.train.loop import Batch, LossFn, Trainer, TrainResult, ValMetrics, num_tokens
 from lmforge.train.loss import next_token_loss
-from lmforge.weights import carry_trunk
+from lmforge.weights import carry_trunk, with_labels
 
 
 @dataclass
@@ -62,13 +65,22 @@ class TrainableReport:
 
 def load_base(cfg: FinetuneConfig, labels: list[str] | None = None) -> GPT:
     """The base with its tokenizer; with `labels`, a fresh classification head for them
-    (kept as it is when the base already classifies into exactly these labels)."""
-    model = load(cfg.base)
+    (kept as it is when the base already classifies into exactly these labels).
+
+    With --quantize nf4 the base is built in 4 bits while it is read (`load_quantized`),
+    so the dense base is never whole in memory; the model is, bit for bit, the one the
+    dense path below gives once `set_trainable` quantizes it (a fresh head too, and the
+    RNG is left where that path leaves it). Two bases still take the dense path: a LoRA
+    adapter (its adapters are folded into its dense base first) and --from-scratch
+    (random weights: no file to read them from).
+    """
+    source = resolve_model_path(cfg.base)
+    if cfg.quantize == "nf4" and not cfg.from_scratch and not is_adapter_dir(source):
+        return _quantized_base(cfg, source, labels)
+    model = load(source)
     if lora_layers(model):  # an adapter run: what is fine-tuned is the adapted model, its adapters folded in
         merge_lora(model)
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise LmforgeError(f"{cfg.base} has no tokenizer beside its weights; fine-tuning needs one to read the data")
+    tokenizer = _tokenizer_of(model, cfg)
     config = model.config
     if labels is not None and config.labels != list(labels):
         config = config.replace(labels=list(labels))
@@ -82,14 +94,69 @@ def load_base(cfg: FinetuneConfig, labels: list[str] | None = None) -> GPT:
     return model
 
 
+def _tokenizer_of(model: GPT, cfg: FinetuneConfig) -> object:
+    if model.tokenizer is None:
+        raise LmforgeError(f"{cfg.base} has no tokenizer beside its weights; fine-tuning needs one to read the data")
+    return model.tokenizer
+
+
+def _quantized_base(cfg: FinetuneConfig, source: Path, labels: list[str] | None) -> GPT:
+    """`load_base`'s model for a QLoRA run, its blocks in NF4 from the start.
+
+    A new classification head follows the dense path exactly: there a fresh GPT(config)
+    is built after seeding (fp32, train mode) and the base's weights copied in, so here
+    every weight is cast to the default dtype before it is quantized, and the head is
+    drawn as that GPT would draw it (`_drawn_head`).
+    """
+    relabel = labels is not None and load_config(source).labels != list(labels)
+    model = load_quantized(source, dtype=torch.get_default_dtype() if relabel else None)
+    tokenizer = _tokenizer_of(model, cfg)
+    if relabel:
+        torch.manual_seed(cfg.seed)
+        head = _drawn_head(model.config.replace(labels=list(labels)))
+        model = with_labels(model, labels).train()
+        with torch.no_grad():
+            model.score.weight.copy_(head)
+    model.tokenizer = tokenizer
+    return model
+
+
+def _drawn_head(config: Config) -> torch.Tensor:
+    """The classification head `GPT(config)` would draw from the RNG as it stands, leaving the
+    RNG where building that model would, without the model: one dense weight at a time.
+
+    GPT(config) draws, in module order: each module's own init as it is constructed
+    (`reset_parameters`), then `_init_weights` over the Linear and Embedding layers (the
+    head last), then the residual projections again. Each is replayed on a scratch copy
+    of its module (on the CPU, as the seeded dense path builds it) and dropped but the
+    head. tests/test_nf4_load.py holds this to GPT(config): the head and the RNG after.
+    """
+    with torch.device("meta"):
+        blueprint = GPT(config)  # draws nothing: meta tensors take no random numbers
+    head = None
+    for module in blueprint.modules():
+        if hasattr(module, "reset_parameters") and not list(module.children()):  # nn.Linear, nn.Embedding, nn.LayerNorm
+            copy.deepcopy(module).to_empty(device="cpu").reset_parameters()
+    for module in blueprint.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            drawn = copy.deepcopy(module).to_empty(device="cpu")
+            blueprint._init_weights(drawn)
+            if module is blueprint.score:
+                head = drawn.weight.detach()
+    for name, p in blueprint.named_parameters():
+        if name.endswith(("attn.o.weight", "mlp.proj.weight", "mlp.down.weight")):
+            nn.init.normal_(torch.empty_like(p, device="cpu"), mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+    return head
+
+
 def set_trainable(model: GPT, cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainableReport:
     """Freeze what should not learn; with --lora-r, swap the targets for LoRA layers
     (after quantizing the base with --quantize nf4). The head that the task trains
     (a classifier's `score`) always learns."""
     heads = ["score"] if model.score is not None else []
     if cfg.quantize == "nf4":
-        summary = quantize_model(model)
-        say(f"base quantized to NF4: {summary}")
+        quantize_model(model)  # nothing left to do for a base `load_base` built in 4 bits
+        say(f"base quantized to NF4: {quantized_summary(model)}")
     lora = cfg.lora()
     if lora is not None:
         apply_lora(model, lora, trainable=heads)

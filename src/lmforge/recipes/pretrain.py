@@ -105,7 +105,8 @@ def build(cfg: TrainConfig, info: DistInfo, say: Callable[[str], None] = print, 
     config = model.config if model is not None else model_config(cfg, data.vocab_size)
     data.check_ids(config.vocab_size)
     # before a fresh model is built: one too large for this machine fails now, with the numbers
-    check_training_fits(config, cfg.batch_size, config.context_length, cfg.gradient_checkpointing, available_memory(info.device))
+    check_training_fits(config, cfg.batch_size, config.context_length, cfg.gradient_checkpointing, available_memory(info.device),
+                        cfg.optimizer, cfg.optimizer_states == "paged")
     if model is None:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = GPT(config)

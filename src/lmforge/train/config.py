@@ -27,6 +27,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
 @dataclass
 class TrainConfig:
     """What a pretraining run needs. Sizes count tokens per process unless said otherwise."""
@@ -50,6 +53,8 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW's momentum (first-moment) decay
     beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0: off
+    optimizer: str = "adamw"  # adamw (fp32 moments, torch's fused kernel) | adamw8bit (8-bit blockwise moments: a quarter of the memory)
+    optimizer_states: str = "memory"  # memory | paged (the moments in memory-mapped files in the run folder, which the OS pages out)
     dtype: str = "auto"  # auto (bf16 autocast where the device has it, else fp32) | fp32 | bf16
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps
     compile: bool = False  # torch.compile the model
@@ -104,6 +109,10 @@ class TrainConfig:
             raise LmforgeError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise LmforgeError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LmforgeError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer_states not in ("memory", "paged"):
+            raise LmforgeError(f"--optimizer-states must be memory or paged, got {self.optimizer_states!r}")
         if self.strategy not in ("ddp", "fsdp"):
             raise LmforgeError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if not self.out:

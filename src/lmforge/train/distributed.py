@@ -444,10 +444,25 @@ def _check_optimizer_state(inner: nn.Module, optimizer: torch.optim.Optimizer, o
             f"the checkpoint's optimizer has parameter groups {[len(g) for g in theirs]} (by name), this one "
             f"{[len(g) for g in ours]}, or different names in them; was it written for another preset or optimizer setup?"
         )
+    params = dict(inner.named_parameters())
     for name, entry in optimizer_state.get("state", {}).items():
+        expected = _state_shapes(optimizer, params[name]) if name in params else {}
+        if set(entry) - {"step"} != set(expected):
+            raise LmforgeError(
+                f"the checkpoint's optimizer state of {name} holds {sorted(set(entry) - {'step'})}, this run's optimizer keeps "
+                f"{sorted(expected)}: resume with the --optimizer the checkpoint was written with"
+            )
         for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes.get(name):
-                raise LmforgeError(f"the checkpoint's optimizer state {name}/{key} has shape {tuple(value.shape)}, the parameter {shapes.get(name)}")
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != expected.get(key):
+                raise LmforgeError(f"the checkpoint's optimizer state {name}/{key} has shape {tuple(value.shape)}, expected "
+                                   f"{expected.get(key)} for the parameter of shape {shapes.get(name)}")
+
+
+def _state_shapes(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """What `optimizer` keeps per parameter besides its step: its own account (`state_shapes`), or AdamW's two moments."""
+    if hasattr(optimizer, "state_shapes"):
+        return optimizer.state_shapes(p)
+    return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
 
 
 def _copy_structure(obj):

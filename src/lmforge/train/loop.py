@@ -47,6 +47,8 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_mean, barrier, full_state, load_full_state, no_sync, unwrap, wrap_model
 from lmforge.train.loss import next_token_loss
 from lmforge.train.metrics import LOSS_PLOT, METRICS, MetricsLog, read_metrics
+
+PAGED_STATES = "optimizer-states"  # --optimizer-states paged: the moments' memory-mapped scratch files (removed at the end)
 from lmforge.train.optim import build_optimizer, lr_at
 
 # (inputs, targets): inputs are the ids (B, T) or a dict of tensors with "input_ids"
@@ -200,7 +202,13 @@ class Trainer:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.model = model
         self.wrapped = wrap_model(model, info, cfg.strategy)
-        self.optimizer = build_optimizer(self.wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        if info.enabled and cfg.strategy == "fsdp" and (cfg.optimizer != "adamw" or cfg.optimizer_states != "memory"):
+            raise LmforgeError("--optimizer adamw8bit and --optimizer-states paged step whole tensors: run them on one process "
+                               "or under --strategy ddp, not fsdp (whose shards they do not know)")
+        paged = None
+        if cfg.optimizer_states == "paged":  # each process pages its own moments
+            paged = self.out / (PAGED_STATES if info.world_size == 1 else f"{PAGED_STATES}-rank{info.rank}")
+        self.optimizer = build_optimizer(self.wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer, paged)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.amp = autocast_dtype(cfg.dtype, self.device)
         self.step = 0
@@ -446,6 +454,8 @@ class Trainer:
             plot = log.plot()
         finally:
             log.close()
+            if getattr(self.optimizer, "store", None) is not None:  # paged moments: scratch files, the checkpoints hold them
+                self.optimizer.store.close()
         return TrainResult(self.step, self.last_checkpoint, self.last_val[1] if self.last_val else None, stopped,
                            self.skipped, log.path, plot, self.samples, self.last_val_metrics)
 
