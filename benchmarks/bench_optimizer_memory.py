@@ -17,6 +17,12 @@ then the same run with `--optimizer adamw8bit --gradient-checkpointing`, which m
 and train --xl-steps steps with its loss going down (one fixed batch, learned by heart):
 peak RSS beside the estimate.
 
+Part 2b (`--only pressure`, Linux with the cgroup-v1 memory controller, as root): the
+gpt2 settings again, each in a memory cgroup limited to --limit-mib (below fp32 AdamW's
+need): with no swap, anonymous memory over the limit is killed, while paged moments are
+file pages the kernel writes back and drops, so the paged runs go on, at the cost of the
+disk traffic measured here as their step time.
+
 Part 3 (`--only speed`): the optimizer step alone on 33.6M parameters (two 4096 x 4096
 matrices, fixed gradients), ours against bitsandbytes' `AdamW8bit` CPU kernel and torch's
 fused fp32 AdamW, on one thread and on two; the weights of ours and bitsandbytes' are
@@ -98,12 +104,39 @@ def one(preset: str, optimizer: str, paged: bool, batch: int, context: int, step
             "step": med, "opt_step": med_opt, "losses": losses}
 
 
-def in_subprocess(*args: object) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", json.dumps([str(a) if isinstance(a, Path) else a for a in args])],
-                         capture_output=True, text=True, check=False)
+def in_subprocess(*args: object, cgroup: Path | None = None) -> dict:
+    """Run `one(*args)` in a fresh process (in `cgroup`, if given); None values when it was killed."""
+    cmd = [sys.executable, __file__, "--one", json.dumps([str(a) if isinstance(a, Path) else a for a in args])]
+    if cgroup is not None:  # join the cgroup before Python starts allocating
+        cmd = ["sh", "-c", f'echo $$ > {cgroup / "cgroup.procs"} && exec "$@"', "sh", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
+        if cgroup is not None and out.returncode in (-9, 137):
+            return {"killed": True}
         raise SystemExit(f"the measured run failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def part_pressure(args: argparse.Namespace, tmp: Path) -> None:
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "memory.limit_in_bytes").exists():
+        raise SystemExit("--only pressure needs the cgroup-v1 memory controller at /sys/fs/cgroup/memory (and root)")
+    group = root / f"lmforge-bench-{time.time_ns()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(args.limit_mib * MIB))
+        rows = []
+        for name, (optimizer, paged) in SETTINGS.items():
+            (group / "memory.max_usage_in_bytes").write_text("0")
+            r = in_subprocess("gpt2", optimizer, paged, 4, 256, args.steps, False, tmp / name.replace(" ", "_"), cgroup=group)
+            if r.get("killed"):
+                rows.append([name, "killed (out of memory)", "", ""])
+                continue
+            rows.append([name, "trained", f"{r['step']:.2f}", f"{r['opt_step']:.2f}"])
+        print(f"gpt2, batch 4 x 256, in a memory cgroup of {args.limit_mib:,} MiB (no swap):")
+        print_table(["optimizer", "outcome", "step s", "optimizer step s"], rows)
+    finally:
+        group.rmdir()
 
 
 def part_gpt2(args: argparse.Namespace, tmp: Path) -> None:
@@ -173,7 +206,8 @@ def part_speed(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["gpt2", "xl", "speed"])
+    p.add_argument("--only", choices=["gpt2", "xl", "pressure", "speed"])
+    p.add_argument("--limit-mib", type=int, default=2048, help="the memory cgroup's limit for --only pressure")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--xl-steps", type=int, default=3)
     p.add_argument("--xl-context", type=int, default=256)
@@ -189,6 +223,8 @@ def main() -> None:
             part_gpt2(args, Path(tmp))
         if args.only in (None, "xl"):
             part_xl(args, Path(tmp))
+        if args.only == "pressure":  # not in the default run: it needs root and cgroups
+            part_pressure(args, Path(tmp))
         if args.only in (None, "speed"):
             part_speed(args)
 
