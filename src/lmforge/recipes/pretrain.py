@@ -71,7 +71,7 @@ def steps_within(model: GPT, cfg: TrainConfig, device: torch.device, seconds: fl
     """A first estimate of the optimizer steps of `cfg` that fit in `seconds`, from timing
     a few on a copy of `model` (the trainer re-estimates from its own pace as it goes)."""
     model = copy.deepcopy(model).to(device)
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer)  # the run's step, timed
     x = torch.randint(0, model.config.vocab_size, (cfg.batch_size, model.config.context_length), device=device)
     times = []
     for _ in range(3):

@@ -143,7 +143,7 @@ class PagedStore:
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments are stored in 8 bits (see the module docstring).
 
-    State per parameter: `step`, and either `m_codes`/`v_codes` (uint8, the parameter's
+    State per parameter: `step` (a float tensor, as torch's AdamW), and either `m_codes`/`v_codes` (uint8, the parameter's
     shape) with `m_absmax`/`v_absmax` (one fp32 per block), or `exp_avg`/`exp_avg_sq` (fp32,
     small tensors, or every tensor with bits=32): plain tensors and numbers, so a
     checkpoint holds them as safetensors + JSON and a resumed run continues bit for bit.
@@ -182,7 +182,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
-        state["step"] = 0
+        state["step"] = torch.tensor(0.0)  # a float tensor, as torch's AdamW keeps it: a 32-bit run's checkpoint moves between the two
         for key, shape in self.state_shapes(p).items():
             state[key] = self._zeros(shape, torch.uint8 if key.endswith("codes") else torch.float32, p.device)
         return state
@@ -221,7 +221,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise RuntimeError("AdamW8bit does not take sparse gradients")
                 state = self.state[p] if self.state[p] else self._init_state(p)
                 state["step"] += 1
-                t = state["step"]
+                t = int(state["step"])
                 hyper = Hyper(beta1, beta2, 1.0 - beta1**t, math.sqrt(1.0 - beta2**t), group["lr"], group["eps"], group["weight_decay"])
                 weight, grad = p.data.view(-1), p.grad.reshape(-1)
                 if self.quantized(p):

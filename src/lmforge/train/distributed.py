@@ -444,13 +444,21 @@ def _check_optimizer_state(inner: nn.Module, optimizer: torch.optim.Optimizer, o
             f"the checkpoint's optimizer has parameter groups {[len(g) for g in theirs]} (by name), this one "
             f"{[len(g) for g in ours]}, or different names in them; was it written for another preset or optimizer setup?"
         )
+    saved_keys = {k for g in optimizer_state.get("param_groups", []) for k in g}
+    our_keys = {k for g in optimizer.param_groups for k in g}
+    if saved_keys != our_keys:
+        raise LmforgeError(
+            f"the checkpoint's optimizer is not this run's ({type(optimizer).__name__}): resume with the --optimizer and "
+            "--optimizer-states the checkpoint was written with (fp32 moments in memory are torch's fused AdamW, paged ones "
+            "lmforge's; 8-bit moments move freely between memory and paged)"
+        )
     params = dict(inner.named_parameters())
     for name, entry in optimizer_state.get("state", {}).items():
         expected = _state_shapes(optimizer, params[name]) if name in params else {}
         if set(entry) - {"step"} != set(expected):
             raise LmforgeError(
                 f"the checkpoint's optimizer state of {name} holds {sorted(set(entry) - {'step'})}, this run's optimizer keeps "
-                f"{sorted(expected)}: resume with the --optimizer the checkpoint was written with"
+                f"{sorted(expected)}: resume with the --optimizer and --optimizer-states the checkpoint was written with"
             )
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != expected.get(key):

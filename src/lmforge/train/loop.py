@@ -47,9 +47,9 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_mean, barrier, full_state, load_full_state, no_sync, unwrap, wrap_model
 from lmforge.train.loss import next_token_loss
 from lmforge.train.metrics import LOSS_PLOT, METRICS, MetricsLog, read_metrics
+from lmforge.train.optim import build_optimizer, lr_at
 
 PAGED_STATES = "optimizer-states"  # --optimizer-states paged: the moments' memory-mapped scratch files (removed at the end)
-from lmforge.train.optim import build_optimizer, lr_at
 
 # (inputs, targets): inputs are the ids (B, T) or a dict of tensors with "input_ids"
 # (e.g. with an "attention_mask"); the loss function knows what its batches hold
