@@ -67,7 +67,7 @@ class Server:
     """`lmforge serve` in a subprocess, its URL read from the line it prints when listening."""
 
     def __init__(self, model: str, max_batch: int, max_queue: int, threads: int | None) -> None:
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log")  # noqa: SIM115 (closed in stop)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log")
         cmd = [str(Path(sys.executable).parent / "lmforge"), "serve", "--model", model, "--port", "0",
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), *(["--threads", str(threads)] if threads else [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)

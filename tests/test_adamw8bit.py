@@ -27,13 +27,13 @@ import lmforge
 from lmforge import LmforgeError
 from lmforge.data.prepare import prepare
 from lmforge.recipes import pretrain
+from lmforge.train.adamw8bit import BLOCK, CHUNK, AdamW8bit, PagedStore, dequantize, dynamic_map, nearest_table, quantize
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import init_distributed
 from lmforge.train.loss import next_token_loss
-from lmforge.train.adamw8bit import BLOCK, CHUNK, AdamW8bit, PagedStore, dequantize, dynamic_map, nearest_table, quantize
 
 bnb = pytest.importorskip("bitsandbytes")  # x86-64 only (pyproject): the parity tests need its CPU kernels
-import bitsandbytes.functional as F  # noqa: E402
+import bitsandbytes.functional as F
 
 SHAPES = [(300,), (5000,), (70, 1000), (3, CHUNK // 2 + 77)]  # fp32 moments; partial block; 8-bit; three chunks
 

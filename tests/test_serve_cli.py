@@ -50,11 +50,11 @@ def test_serve_answers_as_the_engine_and_stops_on_sigterm(served):
 
 
 def test_check_loads_binds_and_exits(tmp_path):
-    out = subprocess.run([LMFORGE, "serve", "--model", str(STORIES), "--port", "0", "--check"], capture_output=True, text=True,
+    out = subprocess.run([LMFORGE, "serve", "--model", str(STORIES), "--port", "0", "--check"], capture_output=True, text=True, check=False,
                          timeout=120)
     assert out.returncode == 0 and "loads" in out.stdout and "not serving (--check)" in out.stdout
     with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use: a one-line error, not a traceback
         port = taken.getsockname()[1]
-        busy = subprocess.run([LMFORGE, "serve", "--model", str(STORIES), "--port", str(port)], capture_output=True, text=True,
+        busy = subprocess.run([LMFORGE, "serve", "--model", str(STORIES), "--port", str(port)], capture_output=True, text=True, check=False,
                               timeout=120)
     assert busy.returncode == 2 and busy.stderr.startswith("lmforge: error: cannot listen on 127.0.0.1:") and "Traceback" not in busy.stderr

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from lm_eval_data import lm_eval_task
 from serve_fixtures import make_service, running
-from test_eval_lm_eval import EVAL, hf_model, monkeypatch_module, offline, task_manager  # noqa: F401 - fixtures
+from test_eval_lm_eval import EVAL, hf_model, monkeypatch_module, offline, task_manager
 
 from lmforge.eval.harness import Settings, evaluate_tasks
 from lmforge.eval.tasks import get_task
@@ -23,7 +23,7 @@ TASKS = ["lambada_openai", "hellaswag", "piqa", "winogrande"]  # last-word greed
 LIMIT = 8
 
 
-def test_local_completions_scores_as_lmforge_eval(hf_model, offline, tmp_path):  # noqa: F811 - fixtures
+def test_local_completions_scores_as_lmforge_eval(hf_model, offline, tmp_path):
     import lm_eval
 
     model = load(hf_model)

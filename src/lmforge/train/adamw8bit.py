@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -207,7 +207,8 @@ class AdamW8bit(torch.optim.Optimizer):
         return self._codes[device]
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch.optim.Optimizer's signature
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One AdamW step of every parameter with a gradient (`closure` re-evaluates the loss, as torch's optimizers take it)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
