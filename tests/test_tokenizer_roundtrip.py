@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,18 @@ tricky_text = st.lists(
     | any_text,
     max_size=12,
 ).map("".join)
+
+
+
+def same_in_both_unicode_versions(text: str) -> bool:
+    """Whether the pre-tokenizer regexes of both engines read `text` alike. tiktoken's Rust
+    regex and the `regex` module the oracle uses carry different Unicode versions, so a
+    code point assigned only lately (U+3D000 is a letter to one, unassigned to the other)
+    splits differently: "\U0003d000's" is one piece of punctuation and "s" to tiktoken, a
+    letter and the contraction "'s" to `regex`. Text with code points this Python does not
+    know (category Cn) is compared by round trip only."""
+    return not any(unicodedata.category(c) == "Cn" for c in text)
+
 
 SAMPLES = [
     "",
@@ -51,15 +65,27 @@ def test_round_trip_any_string(gpt2_tok, small_tok, small_tok_gpt4, text):
     for tok in (gpt2_tok, small_tok, small_tok_gpt4):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
-        assert ids == reference_encode(tok, text)
+        if same_in_both_unicode_versions(text):
+            assert ids == reference_encode(tok, text)
 
 
 @settings(deadline=None, max_examples=200)
 @given(text=tricky_text)
 def test_allowed_specials_match_oracle(small_tok, text):
     ids = small_tok.encode(text, allowed_special="all")
-    assert ids == reference_encode(small_tok, text, allowed_special="all")
+    if same_in_both_unicode_versions(text):
+        assert ids == reference_encode(small_tok, text, allowed_special="all")
     assert small_tok.decode(ids) == text
+
+
+def test_a_late_code_point_is_the_only_disagreement(small_tok):
+    """The case CI found: the two engines differ on U+3D000 (see `same_in_both_unicode_versions`),
+    and on nothing else around it."""
+    assert not same_in_both_unicode_versions("\U0003d000's")
+    assert small_tok.decode(small_tok.encode("\U0003d000's")) == "\U0003d000's"
+    for text in ("\u4e00's", "x's", "\U0001f600's"):  # assigned long ago: the same ids from both
+        assert same_in_both_unicode_versions(text)
+        assert small_tok.encode(text) == reference_encode(small_tok, text)
 
 
 def test_specials_are_text_unless_allowed(small_tok):
