@@ -47,6 +47,7 @@ class SlotCache:
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.n = 0  # rows 0..n-1 are in use
         self._span = 0
+        self._rows = torch.arange(0)
         self._last_layer = config.n_layer - 1
 
     @property
@@ -80,6 +81,7 @@ class SlotCache:
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (n, 1) and visible slots (n, 1, 1, S) for one new token per row."""
         lengths = self.lengths[: self.n]
+        self._rows = torch.arange(self.n, device=lengths.device)  # every layer's update writes these rows
         self._span = int(lengths.max()) + 1
         self.reserve(self._span)
         key = torch.arange(self._span, device=lengths.device)
@@ -87,10 +89,9 @@ class SlotCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each row's new k, v (n, nkv, 1, hd) at its own length; return (n, nkv, S, hd)."""
-        rows = torch.arange(self.n, device=k.device)
         at = self.lengths[: self.n]
-        self.k[layer, rows, :, at] = k[:, :, 0]
-        self.v[layer, rows, :, at] = v[:, :, 0]
+        self.k[layer, self._rows, :, at] = k[:, :, 0]
+        self.v[layer, self._rows, :, at] = v[:, :, 0]
         if layer == self._last_layer:
             self.lengths[: self.n] += 1
         return self.k[layer, : self.n, :, : self._span], self.v[layer, : self.n, :, : self._span]

@@ -184,10 +184,15 @@ def _arc_original(path: Path) -> list[Item]:
     """AI2's own layout: question {stem, choices [{text, label}]}, answerKey."""
     items = []
     for n, row in _jsonl(path):
-        q = _field(row, "question", path, n, dict)
-        choices = q.get("choices") or []
-        items.append(_arc_item(row, _field(q, "stem", path, n), [c["text"] for c in choices], [c["label"] for c in choices], path, n))
+        items.append(_arc_item(row, *_stem_and_choices(row, path, n), path, n))
     return items
+
+
+def _stem_and_choices(row: dict, path: Path, n: int) -> tuple[str, list[str], list[str]]:
+    """AI2's question layout (ARC, OpenBookQA): question {stem, choices [{text, label}]} -> (stem, texts, labels)."""
+    q = _field(row, "question", path, n, dict)
+    choices = q.get("choices") or []
+    return _field(q, "stem", path, n), [c["text"] for c in choices], [c["label"] for c in choices]
 
 
 def _piqa(path: Path, labels: Path) -> list[Item]:
@@ -227,10 +232,7 @@ def _boolq(path: Path) -> list[Item]:
 def _openbookqa(path: Path) -> list[Item]:
     items = []
     for n, row in _jsonl(path):
-        q = _field(row, "question", path, n, dict)
-        choices = q.get("choices") or []
-        items.append(_keyed_item(row, _field(q, "stem", path, n), [c["text"] for c in choices], [c["label"] for c in choices],
-                                 _field(row, "answerKey", path, n).lstrip(), path, n))
+        items.append(_keyed_item(row, *_stem_and_choices(row, path, n), _field(row, "answerKey", path, n).lstrip(), path, n))
     return items
 
 

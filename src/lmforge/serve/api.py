@@ -165,13 +165,12 @@ class Service:
         out = []
         for j in range(req.n):
             seed = None if req.seed is None else (req.seed + j) % 2**64
-            g = Generation(prompt, max_tokens, sampling, seed=seed, stop_ids=self.stop_ids, stop_strings=stops,
-                           logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-            try:
-                self.scheduler.batcher.check(g)
-            except LmforgeError as e:
-                raise ApiError(400, str(e)) from None
-            out.append(g)
+            out.append(Generation(prompt, max_tokens, sampling, seed=seed, stop_ids=self.stop_ids, stop_strings=stops,
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+        try:  # the choices differ only in their seed, which is valid for all once it is for one
+            self.scheduler.batcher.check(out[0])
+        except LmforgeError as e:
+            raise ApiError(400, str(e)) from None
         return out
 
     # --- running -------------------------------------------------------------------------------
