@@ -3,11 +3,11 @@
 For each preset: prefill tokens/s, decode tokens/s at batch 1 (128 new tokens after a
 32-token prompt) and at batch 8 (aggregate), greedy, fp32; ours with the KV cache,
 ours without it (the reference loop), and `transformers` `generate` with its cache.
-The greedy tokens must be identical. Two more rows take apart what makes one-row
-decoding fast: the wide weights re-laid out as contiguous (in, out) matrices, then a
-second core prefetching the next weights into the shared cache (`lmforge.engine.prefetch`),
-which together make lmforge's batch-1 figure. The bandwidth ceiling is what decode at batch 1
-could reach if it did nothing but stream every weight once per token.
+The greedy tokens must be identical. One more row shows what the packed one-row step
+(`lmforge.engine.cpu_decode`: oneDNN-packed, fused weights) adds: batch 1 through the model's
+own layers (`Engine(model, packed=False)`). The bandwidth ceiling is what decode at batch 1
+could reach if it did nothing but stream every weight once per token. lmforge against
+llama.cpp, int8 and float16 weights, and where a token's time goes: `bench_decode.py`.
 
     python benchmarks/bench_generate.py [--presets gpt2 small] [--repeat 2]
 """
@@ -15,7 +15,6 @@ could reach if it did nothing but stream every weight once per token.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -61,9 +60,7 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         ours, hf = twin_models(preset)
-        as_stored = copy.deepcopy(ours)  # before the engine re-lays `ours` out
-        plain = Engine(as_stored, relayout=False, prefetch=False)
-        relaid = Engine(copy.deepcopy(as_stored), prefetch=False)
+        plain = Engine(ours, packed=False)
         engine = Engine(ours)
         g = torch.Generator().manual_seed(1)
         vocab = ours.config.vocab_size
@@ -93,14 +90,10 @@ def main() -> None:
                 uncached = 32 / (time.perf_counter() - start)  # one row, first 32 tokens: the reference loop
                 n = batch.size(0) * NEW
                 rows.append([f"{preset}: decode, batch {batch.size(0)}", n / t["ours"], f"{uncached:.1f}", n / t["hf"], t["hf"] / t["ours"], "yes" if same else "NO"])
-            # what makes decode fast, one step at a time (batch 1, the same 128 tokens)
+            # what the packed step adds (batch 1, the same 128 tokens)
             one = prompts[:1].tolist()
-            t = best_of({
-                "plain": lambda: plain.generate(one, max_new_tokens=NEW, sampling=GREEDY),
-                "relaid": lambda: relaid.generate(one, max_new_tokens=NEW, sampling=GREEDY),
-            }, args.repeat)
-            rows.append([f"{preset}: decode, batch 1, weights as nn.Linear stores them, no prefetch", NEW / t["plain"], "", "", "", ""])
-            rows.append([f"{preset}: decode, batch 1, wide weights re-laid (in, out), no prefetch", NEW / t["relaid"], "", "", "", ""])
+            t = best_of({"plain": lambda: plain.generate(one, max_new_tokens=NEW, sampling=GREEDY)}, args.repeat)
+            rows.append([f"{preset}: decode, batch 1, through the model's own layers (packed=False)", NEW / t["plain"], "", "", "", ""])
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
         rows.append([f"{preset}: bandwidth ceiling, batch 1 ({weight_bytes / 1e6:.0f} MB of weights per token)", bandwidth * 1e9 / weight_bytes, "", "", "", ""])
     print_table(["preset, measurement (tokens/s)", "lmforge", "lmforge uncached", "transformers", "lmforge / transformers", "same greedy tokens"], rows)

@@ -278,7 +278,7 @@ def speed(out: Path) -> None:
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     new = 48
-    engine = Engine(policy, tok, relayout=False, prefetch=False)  # as PPO's rollouts run it: the weights are trained
+    engine = Engine(policy, tok, packed=False)  # as PPO's rollouts run it: the weights are trained
     sampling = SamplingParams(temperature=1.0)
     with torch.inference_mode():
         t = best_of({"ours": lambda: engine.generate(prompts, max_new_tokens=new, sampling=sampling, seed=0),

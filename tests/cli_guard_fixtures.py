@@ -109,6 +109,7 @@ NEEDS: dict[tuple[str, str], tuple[list[tuple[str, str]], tuple[str, ...]]] = {
     # --max-steps wins over --epochs
     ("pretrain", "--max-tokens"): ([], ("--max-steps",)),  # --max-steps wins over --max-tokens
     ("convert", "--tokenizer"): ([("--from-llama2c", "{fx}/llama2c/stories260K.bin")], ()),  # only read with --from-llama2c
+    ("convert", "--outtype"): ([("--to-gguf", "{fx}/model")], ()),  # only read with --to-gguf
 }
 
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from lmforge import LmforgeError
 from lmforge.config import Config
-from lmforge.engine import Engine, generate_uncached, relayout_for_decode, sampling
+from lmforge.engine import Engine, generate_uncached, sampling
+from lmforge.engine.cpu_decode import onednn_available
 from lmforge.engine.sampling import SamplingParams, draw, filter_logits, sample
 from lmforge.model import GPT
 
@@ -40,22 +41,35 @@ def test_cached_equals_uncached_tokens_and_logits(model):
     assert engine.generate([prompt], max_new_tokens=40, sampling=GREEDY)[0].ids == ref_ids
 
 
-def test_relayout_changes_strides_only(model):
+def test_packed_decoding_leaves_the_model_as_it_was(model):
+    """One-row decoding reads packed copies: every parameter keeps its object, layout and
+    values, and the tokens are those of the model's own layers."""
+    assert onednn_available()  # this CPU build has oneDNN: the packed path is the one under test
     params = dict(model.named_parameters())
-    before = {n: p.detach().clone() for n, p in params.items()}
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    before = {n: (p.detach().clone(), p.stride(), p.data_ptr()) for n, p in params.items()}
+    prompt = [3, 14, 15, 92, 65, 35]
+    engine = Engine(model)
+    packed = engine.generate([prompt], max_new_tokens=20, sampling=GREEDY)[0].ids
+    assert engine.cpu._layers is not None and not engine.cpu.active  # the packed step ran, and is done
+    assert dict(model.named_parameters()) == params
+    assert all(torch.equal(p, before[n][0]) and (p.stride(), p.data_ptr()) == before[n][1:] for n, p in params.items())
+    assert packed == Engine(model, packed=False).generate([prompt], max_new_tokens=20, sampling=GREEDY)[0].ids
+
+
+def test_packed_copies_follow_weight_changes(model):
+    """A weight changed in place (an optimizer step between generations) or a layer swapped
+    (an adapter) is seen by the next generation, as the reference sees it."""
+    prompt = [3, 14, 15, 92, 65, 35]
+    engine = Engine(model)
+    engine.generate([prompt], max_new_tokens=4, sampling=GREEDY)  # packs the weights
     with torch.no_grad():
-        ref = model(ids)
-    relayout_for_decode(model)
-    assert dict(model.named_parameters()) == params  # the same Parameter objects
-    moved = [n for n, p in params.items() if not p.is_contiguous()]
-    assert moved and all(".mlp." in n or ".attn." in n for n in moved)
-    assert all(torch.equal(p, before[n]) for n, p in params.items())
-    with torch.no_grad():
-        assert (model(ids) - ref).abs().max().item() <= 1e-5
-    untouched = make_model("nano")
-    Engine(untouched, relayout=False)
-    assert all(p.is_contiguous() for p in untouched.parameters())
+        for p in model.parameters():
+            p.mul_(-1.5).add_(0.01)
+    assert [int(t[0]) for t, _ in engine.steps([prompt], 12, GREEDY)] == generate_uncached(model, prompt, 12)[0]
+    block = model.blocks[0]
+    block.attn.q = torch.nn.Linear(block.attn.q.in_features, block.attn.q.out_features, bias=block.attn.q.bias is not None)
+    torch.nn.init.normal_(block.attn.q.weight, std=0.5)
+    assert [int(t[0]) for t, _ in engine.steps([prompt], 12, GREEDY)] == generate_uncached(model, prompt, 12)[0]
 
 
 def test_head_paths_agree_across_batch_sizes(model):
@@ -305,7 +319,7 @@ def test_a_completion_names_the_stop_that_ended_it(gpt2_tok):
     recipes count the answers that end with <|endoftext|> by it), None otherwise."""
     torch.manual_seed(0)
     model = GPT(Config.from_name("nano", vocab_size=gpt2_tok.vocab_size, context_length=64)).eval()
-    engine = Engine(model, gpt2_tok, relayout=False, prefetch=False)
+    engine = Engine(model, gpt2_tok, packed=False)
     free = engine.generate(["Hello"], max_new_tokens=6, sampling=GREEDY)[0]
     assert (free.finish_reason, free.stop) == ("length", None) and len(free.ids) == 6
     first = free.ids[0]

@@ -82,7 +82,7 @@ NOT_RUN: dict[str, str] = {
     "--nnodes=2": "needs two machines with 8 GPUs each",
     "--judge-url": "needs a chat model behind an OpenAI-compatible endpoint",
 }
-EXPECTED_RUN = 61  # commands and Python blocks run: change it with the README, on purpose
+EXPECTED_RUN = 63  # commands and Python blocks run: change it with the README, on purpose
 
 # what a command reads on stdin (by its start); anything else gets an empty stdin
 STDIN = {"lmforge chat": "Once upon a time\n/quit\n"}

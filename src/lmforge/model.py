@@ -36,6 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same arithmetic in one fused kernel (equal to the lines below on fp32; a third of the time per call)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -70,16 +73,18 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions `pos` (B, T): each (B, 1, T, hd), halves repeated."""
+    """cos and signed sin for positions `pos` (B, T): each (B, 1, T, hd), halves repeated,
+    the first half of sin negated (what `apply_rope` multiplies the swapped halves by)."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1)[:, None].to(dtype), torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + hd/2]) by position-dependent angles (the "rotate half" layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + hd/2]) by position-dependent angles (the "rotate half" layout):
+    x * cos + (-x2, x1) * sin, with the sign already in `signed_sin` and the halves swapped by
+    one roll (the same values as splitting, negating and concatenating, in fewer kernels)."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * signed_sin
 
 
 # --- attention -------------------------------------------------------------------------

@@ -69,3 +69,16 @@ def check_out_file(path: str, example: str, ours: Callable[[Path], bool], not_ou
     if not out.parent.is_dir():
         raise LmforgeError(f"--out {out}: its folder {out.parent} does not exist")
     return out
+
+
+WEIGHT_DTYPES = ("float32", "float16", "int8")
+
+
+def add_weight_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`: how generate, chat and serve store the weights (`lmforge.engine.quantize`)."""
+    parser.add_argument(
+        "--dtype", choices=WEIGHT_DTYPES, default="float32",
+        help="how the weights are stored while generating: float32 (as trained), float16 (half the bytes) or int8 "
+        "(a quarter, one scale per output channel); decoding on a CPU runs at the speed of reading them (default: float32)",
+    )  # fmt: skip
+

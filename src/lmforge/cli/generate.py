@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from lmforge.cli.common import add_command
+from lmforge.cli.common import add_command, add_weight_dtype_flag
 from lmforge.device import pick_device
 from lmforge.engine import Engine, SamplingParams, end_of_text_ids
+from lmforge.engine.quantize import quantize
 from lmforge.errors import LmforgeError
 from lmforge.loading import load
 from lmforge.serve.chat import ChatSession
@@ -69,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help="model folder (ours or Hugging Face) or llama2.c .bin")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
+    add_weight_dtype_flag(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -85,6 +87,8 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def _engine(args: argparse.Namespace) -> Engine:
     model = load(args.model, device=pick_device(args.device))
+    if args.dtype != "float32":
+        quantize(model, args.dtype)
     return Engine(model, model.tokenizer)
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from lmforge.cli.common import add_command
+from lmforge.cli.common import add_command, add_weight_dtype_flag
 from lmforge.device import pick_device
 from lmforge.engine import Engine
 from lmforge.engine.batch import Batcher
+from lmforge.engine.quantize import quantize
 from lmforge.errors import LmforgeError
 from lmforge.loading import load, resolve_model_path
 from lmforge.serve.api import Service
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="BYTES", help="largest request body (default: 1 MiB)")
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${KEY_VARIABLE}, else none)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
+    add_weight_dtype_flag(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for the model on the CPU (default: every core but one, which the HTTP side keeps)")
     p.add_argument("--check", action="store_true",
@@ -88,6 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
         model = load(args.model, device=device)
         if model.config.labels:
             raise LmforgeError(f"{args.model} is a classifier (labels {model.config.labels}); serve a model that generates text")
+        n_params = model.num_params()
+        if args.dtype != "float32":
+            quantize(model, args.dtype)
         engine = Engine(model, model.tokenizer)
         name = args.name or _default_name(args.model)
         service = Service(engine, Scheduler(Batcher(engine, args.max_batch), args.max_queue), name)
@@ -96,7 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         if args.check:
-            print(f"lmforge: {name} loads ({model.num_params():,} parameters, context {model.config.context_length}) and {url} "
+            weights = "" if args.dtype == "float32" else f", {args.dtype} weights"
+            print(f"lmforge: {name} loads ({n_params:,} parameters{weights}, context {model.config.context_length}) and {url} "
                   "is free; not serving (--check)")
             return 0
         print(f"lmforge: serving {name} at {url}/v1 (chat page: {url}/)", flush=True)

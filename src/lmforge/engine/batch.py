@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.config import Config
-from lmforge.engine.engine import Engine, KVCache
+from lmforge.engine.cache import KVCache
+from lmforge.engine.engine import Engine
 from lmforge.engine.sampling import SamplingParams, sample
 from lmforge.engine.text import TextStream
 from lmforge.errors import LmforgeError

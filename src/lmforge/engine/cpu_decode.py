@@ -1,125 +1,234 @@
-"""CPU decode tuning: make one-row decoding run at memory speed without changing a token.
+"""CPU decode: make one-row decoding run at memory speed without changing a token.
 
 Decoding one sequence is a chain of matrix-vector products, each bound by reading a
-weight matrix from memory. Three things make those reads faster on CPU, and they live
-here so that `engine.py` keeps only the cache and the step loop:
+weight matrix from memory, plus a few dozen small operations per layer. While
+`CpuDecoder.decoding(1)` is active on a CPU with oneDNN, the blocks' linear layers and
+the output head run against copies of their weights in oneDNN's blocked layout
+(`PackedLinear`), which its matrix-vector kernel streams with both cores at close to the
+memory's read speed (measured on gpt2's block shapes: 24-30 GB/s against 14-18 GB/s for
+nn.Linear's weights through BLAS). Layers that read the same input are packed as one
+matrix (q, k, v; gate and up) and GELU runs inside fc's matmul, so each block makes
+fewer, larger calls. The model's own parameters are left exactly as they are (LoRA and
+training see separate q, k, v); the packed copies cost one more copy of the weights,
+and are rebuilt when a weight changes.
 
-- `relayout_for_decode` stores the blocks' wide weights as contiguous (in, out)
-  matrices (same Parameters and values, other strides);
-- `CpuDecoder.logits` multiplies one row by the output matrix kept as (C, V) blocks of
-  HEAD_BLOCK_BYTES, and several rows by the weight as stored;
-- `CpuDecoder.decoding` runs the weight prefetcher (`lmforge.engine.prefetch`) around
-  the decode steps of one row.
-
-Off CPU all three step aside and the model runs as it is; so does the head path for a
-head that is not a plain Linear, and 4-bit block weights are neither re-laid nor
-prefetched (dequantizing, not reading, is their cost).
+Off CPU, without oneDNN, for several rows, and for layers that are not plain nn.Linear
+(LoRA, 4-bit or int8 layers: they keep their own forward), the model runs as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from lmforge.engine.prefetch import WeightPrefetcher
-from lmforge.model import GPT
+from lmforge.engine.cache import KVCache
+from lmforge.engine.quantize import Float16Linear, Int8Linear
+from lmforge.model import GPT, Block, SwiGLU, apply_rope, rope_cos_sin
 
-HEAD_BLOCK_BYTES = 4 * 2**20  # output-matrix block for one-row decoding: several fit the last-level cache
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (x86 and Arm CPU builds do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@torch.no_grad()
-def relayout_for_decode(model: GPT) -> None:
-    """Store each block Linear whose output is at least as wide as its input as the
-    contiguous (in, out) matrix, in place: same Parameter, shape and values; only the
-    strides change, so F.linear hands BLAS a matrix it streams row by row.
+def _version(t: torch.Tensor) -> int:
+    return 0 if t.is_inference() else t._version  # inference tensors keep no version
 
-    Decoding one token is a chain of matrix-vector products bound by memory reads, and
-    on CPU that layout reads faster for these shapes (measured on gpt2's, batch 1:
-    768 -> 3072 at 21 GB/s against 12 GB/s as nn.Linear stores it, 768 -> 2304 at 20
-    against 13). Narrowing layers (3072 -> 768) read faster as stored, so they stay.
-    Batch 8 runs at the same speed either way.
+
+class PackedLinear:
+    """Linear layers that read the same input, read as one: what the one-row decoder calls.
+
+    Called with x (..., in) it returns the layers' outputs side by side (..., sum of
+    outs); `split` returns them one by one (views of one result). fp32 layers become one
+    matrix in oneDNN's blocked layout, with `post` (a oneDNN post-op: ("gelu", "tanh")
+    fuses GELU) applied in the same pass; int8 and float16 layers become one layer of
+    their kind (`lmforge.engine.quantize`), with GELU applied after. `refresh` rebuilds
+    the copy when any source tensor has changed (its version or storage), so an
+    optimizer step between generations is seen.
     """
-    for _, linear in model.named_linears():
-        w = linear.weight  # None for a 4-bit layer (lmforge.finetune.nf4), which dequantizes anyway
-        if w is not None and w.device.type == "cpu" and w.is_floating_point() and w.size(0) >= w.size(1) and w.is_contiguous():
-            linear.weight.data = w.data.t().contiguous().t()
+
+    def __init__(self, linears: Sequence[nn.Module], post: tuple[str, str] = ("none", "")) -> None:
+        self.linears = list(linears)
+        self.sizes = [linear.out_features for linear in self.linears]
+        self.post = post
+        self.weight: torch.Tensor | None = None  # fp32: the packed matrix
+        self.bias: torch.Tensor | None = None
+        self.layer: Int8Linear | Float16Linear | None = None  # int8 / float16: the concatenated layer
+        self._key: tuple | None = None
+
+    def refresh(self) -> None:
+        sources = [t for linear in self.linears for t in (*linear.parameters(), *linear.buffers())]
+        key = tuple((t.data_ptr(), _version(t)) for t in sources)
+        if key == self._key:
+            return
+        with torch.no_grad():
+            if type(self.linears[0]) is nn.Linear:
+                weight = torch.cat([linear.weight.detach() for linear in self.linears])
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+                biases = [linear.bias for linear in self.linears]
+                self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+            elif len(self.linears) == 1:
+                self.layer = self.linears[0]  # an int8 / float16 layer alone is already what it should be
+            else:
+                self.layer = type(self.linears[0]).concat(self.linears)
+        self._key = key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post[0], [], self.post[1])
+        y = self.layer.one_row(x)
+        return y if self.post[0] == "none" else F.gelu(y, approximate=self.post[1])
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each layer's output (views of one result)."""
+        return self(x).split(self.sizes, dim=-1)
+
+
+def _plain(*linears: nn.Module) -> bool:
+    """fp32 nn.Linear layers exactly (not a subclass: LoRA and 4-bit layers keep their forward)."""
+    return all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears)
+
+
+def _fusable(*linears: nn.Module) -> bool:
+    """Layers the decoder can read as one: all plain fp32, or all int8, or all float16 (on CPU)."""
+    kind = type(linears[0])
+    if kind is nn.Linear:
+        return _plain(*linears)
+    return kind in (Int8Linear, Float16Linear) and all(type(m) is kind for m in linears)
+
+
+@dataclass
+class _Layer:
+    """One block as the decoder reads it: its norms (the model's own modules) and its
+    weights packed into four calls."""
+
+    block: Block
+    qkv: PackedLinear  # q, k, v as one read
+    o: PackedLinear
+    up: PackedLinear  # gate and up (SwiGLU) as one read, or fc with GELU fused in
+    down: PackedLinear
+    swiglu: bool
+
+    def packed(self) -> tuple[PackedLinear, ...]:
+        return self.qkv, self.o, self.up, self.down
 
 
 class CpuDecoder:
-    """The output head and what runs around the decode steps, tuned for one row on CPU.
+    """One-row decoding on CPU: the decode step over packed weights, and the output head.
 
-    It holds a copy of the output matrix in blocks (refreshed when the weight changes)
-    and, while `decoding` is active, the prefetcher that the head's blocks report to.
+    `step` is the block arithmetic of `lmforge.model` for one token of one row, spelled
+    out with fewer calls: q, k, v from one matmul, RoPE applied to q and k together,
+    attention through the fused kernel, gate and up from one matmul (or fc with GELU
+    fused in), no masks or positions tensors (one row has no padding). Each step is
+    checked against the model's own path and the uncached reference in the tests.
+
+    The packed copies are built on the first one-row decode and kept (refreshed when a
+    weight changes, rebuilt when a layer is swapped); `release` drops them. A model with
+    a layer the decoder cannot read as one (a LoRA adapter, 4-bit weights) decodes
+    through its own forward.
     """
 
-    def __init__(self, model: GPT, prefetch: bool = True) -> None:
-        """`prefetch` lets a second core read weights ahead when decoding one row on CPU
-        (see `lmforge.engine.prefetch`); False decodes without the helper thread."""
+    def __init__(self, model: GPT, packed: bool = True) -> None:
+        """`packed=False` decodes with the model's own layers (no extra copy of the weights)."""
         self.model = model
-        self.prefetch = prefetch
-        self._head: list[torch.Tensor] | None = None
-        self._head_version = -1
-        self._prefetcher: WeightPrefetcher | None = None
+        self.packed = packed
+        self.active = False
+        self._layers: list[_Layer] | None = None
+        self._head: PackedLinear | None = None
+        self._structure: tuple[int, ...] = ()
 
-    def _head_chunks(self) -> list[torch.Tensor]:
-        """The output matrix as contiguous (C, n) column blocks of HEAD_BLOCK_BYTES each.
+    def _build(self) -> list[_Layer] | None:
+        """Each block's packed weights, or None when one cannot be read this way."""
+        layers = []
+        for block in self.model.blocks:
+            attn, mlp = block.attn, block.mlp
+            swiglu = isinstance(mlp, SwiGLU)
+            ins, post, out = ([mlp.gate, mlp.up], ("none", ""), mlp.down) if swiglu else ([mlp.fc], ("gelu", mlp.approximate), mlp.proj)
+            if not (_fusable(attn.q, attn.k, attn.v) and _fusable(*ins) and _fusable(attn.o) and _fusable(out)):
+                return None
+            qkv = PackedLinear([attn.q, attn.k, attn.v])
+            layers.append(_Layer(block, qkv, PackedLinear([attn.o]), PackedLinear(ins, post), PackedLinear([out]), swiglu))
+        return layers
 
-        Decoding one row reads the whole output matrix per token; on CPU BLAS streams a
-        contiguous (C, V) matrix 2.8x faster than nn.Linear's (V, C) weight at batch 1
-        (measured on `small`'s 384 x 50257 head), and blocks that fit the last-level
-        cache let the prefetcher run ahead. The copy is refreshed whenever the weight
-        changes in place (an optimizer step between samples bumps its version).
-        """
-        w = self.model.lm_head.weight
-        version = 0 if w.is_inference() else w._version  # inference tensors keep no version
-        if self._head is None or self._head_version != version:
-            t = w.detach().t()
-            n = max(1, HEAD_BLOCK_BYTES // (t.size(0) * t.element_size()))
-            self._head = [t[:, i : i + n].contiguous() for i in range(0, t.size(1), n)]
-            self._head_version = version
-        return self._head
+    def _on_cpu(self) -> bool:
+        return self.model.tok_emb.weight.device.type == "cpu"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from the last hidden state (B, C) -> (B, V), fp32.
 
-        Several rows run 2-4x faster as W @ hidden^T on the weight as stored (made
+        Several rows on CPU run 2-4x faster as W @ hidden^T on the weight as stored (made
         contiguous again: a row-wise max or softmax over the transposed result ran 3-60x
-        slower, measured on (16, 8192)); one row runs fastest against the (C, V) blocks
-        of `_head_chunks`.
+        slower, measured on (16, 8192)) than through nn.Linear.
         """
-        w = self.model.lm_head.weight
-        if type(self.model.lm_head) is not torch.nn.Linear or w.device.type != "cpu":
-            return self.model.lm_head(hidden).float()
-        if hidden.size(0) > 1:
-            return (w @ hidden.t()).t().contiguous().float()
-        out = []
-        for j, block in enumerate(self._head_chunks()):
-            if self._prefetcher is not None:
-                self._prefetcher.ahead_of(self._prefetcher.tail_start + j)
-            out.append(hidden @ block)
-        return torch.cat(out, dim=1).float()
+        if self.active and self._head is not None and hidden.size(0) == 1:
+            return self._head(hidden).float()
+        head = self.model.lm_head
+        if hidden.size(0) > 1 and type(head) is nn.Linear and head.weight.device.type == "cpu":
+            return (head.weight @ hidden.t()).t().contiguous().float()
+        return head(hidden).float()
+
+    def step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The final normed hidden state (1, C) after token (1, 1) at the cache's next slot."""
+        model, config = self.model, self.model.config
+        nh, nkv, hd = config.n_head, config.n_kv_head, config.head_dim
+        pos = cache.length  # one row: no padding, its position is its slot
+        x = model.tok_emb(token)  # (1, 1, C)
+        rope = None
+        if model.pos_emb is not None:
+            x = x + model.pos_emb.weight[pos]
+        else:
+            rope = rope_cos_sin(model.inv_freq, torch.full((1, 1), pos), x.dtype)  # each (1, 1, 1, hd)
+        for i, layer in enumerate(self._layers):
+            block = layer.block
+            qkv = layer.qkv(block.norm1(x)).view(1, nh + 2 * nkv, 1, hd)  # heads of q, then k, then v
+            if rope is not None:
+                qk = apply_rope(qkv[:, : nh + nkv], *rope)  # q and k rotate alike: one pass
+                q, k = qk[:, :nh], qk[:, nh:]
+            else:
+                q, k = qkv[:, :nh], qkv[:, nh : nh + nkv]
+            keys, values = cache.update(i, k, qkv[:, nh + nkv :])
+            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=nkv != nh)  # (1, nh, 1, hd)
+            x = x + layer.o(y.view(1, 1, nh * hd))
+            h = block.norm2(x)
+            if layer.swiglu:
+                gate, up = layer.up.split(h)
+                x = x + layer.down(F.silu(gate) * up)
+            else:
+                x = x + layer.down(layer.up(h))
+        return model.norm_f(x)[:, -1]
 
     def decoding(self, batch: int) -> contextlib.AbstractContextManager:
-        """What runs around the decode steps: the weight prefetcher for one row on a CPU
-        with a second core to spare (see `lmforge.engine.prefetch`), else nothing."""
-        head = self.model.lm_head
-        cpu = head.weight.device.type == "cpu" and type(head) is torch.nn.Linear
-        if not (self.prefetch and cpu and batch == 1 and torch.get_num_threads() >= 2):
+        """While active (one row, CPU, oneDNN, `packed`, every block readable), `active` is
+        True: the engine decodes through `step` and the packed head."""
+        if not (self.packed and batch == 1 and self._on_cpu() and onednn_available()):
             return contextlib.nullcontext()
-        linears = [linear for _, linear in self.model.named_linears()]
-        if any(linear.weight is None for linear in linears):  # 4-bit weights: dequantizing, not reading, is the cost
+        structure = tuple(map(id, self.model.modules()))  # a layer swapped since (LoRA, quantization): a new plan
+        if structure != self._structure:
+            self._layers, self._structure = self._build(), structure
+            self._head = PackedLinear([self.model.lm_head]) if _plain(self.model.lm_head) else None
+        if self._layers is None:
             return contextlib.nullcontext()
-        prefetcher = WeightPrefetcher(linears, tail=self._head_chunks())
+        for layer in self._layers:
+            for packed in layer.packed():
+                packed.refresh()
+        if self._head is not None:
+            self._head.refresh()
 
         @contextlib.contextmanager
         def active() -> Iterator[None]:
-            with prefetcher:
-                self._prefetcher = prefetcher
-                try:
-                    yield
-                finally:
-                    self._prefetcher = None
+            self.active = True
+            try:
+                yield
+            finally:
+                self.active = False
 
         return active()
+
+    def release(self) -> None:
+        """Drop the packed copies (they are rebuilt on the next one-row decode)."""
+        self._layers, self._head, self._structure = None, None, ()

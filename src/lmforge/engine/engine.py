@@ -13,8 +13,8 @@ sequence through the model for every new token, no cache.
 Context: a prompt longer than the model's context_length is an error; generation
 stops when the context is full (finish_reason "context"), it never slides.
 
-The output head and the CPU tuning of one-row decoding (weight layout, output-matrix
-blocks, the prefetcher) are in `cpu_decode.py`; the engine only calls them.
+The output head and the CPU tuning of one-row decoding (oneDNN-packed, fused weights)
+are in `cpu_decode.py`; the engine only calls them.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.config import Config
-from lmforge.engine.cpu_decode import CpuDecoder, relayout_for_decode
+from lmforge.engine.cache import KVCache
+from lmforge.engine.cpu_decode import CpuDecoder
 from lmforge.engine.sampling import SamplingParams, sample
 from lmforge.engine.text import TextCodec, TextStream, bytes_after, find_stop
 from lmforge.errors import LmforgeError
@@ -39,49 +39,6 @@ def end_of_text_ids(tokenizer: object | None) -> list[int]:
     llama2.c's run.c stops there)."""
     ids = [getattr(tokenizer, name, None) for name in ("eot_id", "eos_id", "bos_id")]
     return sorted({i for i in ids if i is not None})
-
-
-class KVCache:
-    """Keys and values of every layer for B sequences, preallocated to `max_len` slots.
-
-    k, v: (n_layer, B, nkv, max_len, hd). `length` slots are filled, the same number in
-    every row (left padding aligns the rows); `pad[b]` leading slots of row b are padding.
-    """
-
-    def __init__(self, config: Config, pad: torch.Tensor, max_len: int, dtype: torch.dtype) -> None:
-        shape = (config.n_layer, len(pad), config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=pad.device)
-        self.pad = pad
-        self.max_len = max_len
-        self.length = 0
-        self._last_layer = config.n_layer - 1
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, nkv, T, hd); return all filled slots (B, nkv, S, hd)."""
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        if layer == self._last_layer:
-            self.length = end
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def positions(self, T: int) -> torch.Tensor:
-        """Each row's positions for the next T tokens (B, T): slot index minus its padding."""
-        slots = torch.arange(self.length, self.length + T, device=self.pad.device)
-        return (slots[None] - self.pad[:, None]).clamp(min=0)
-
-    def visible(self, T: int) -> torch.Tensor | None:
-        """Which slots the next T tokens may see (B, 1, T, S), or None when plain causal suffices."""
-        padded = bool(self.pad.any())
-        if not padded and (self.length == 0 or T == 1):
-            return None  # causal from slot 0, or one token that sees every filled slot
-        S = self.length + T
-        query = torch.arange(self.length, S, device=self.pad.device)[:, None]  # (T, 1)
-        key = torch.arange(S, device=self.pad.device)[None]  # (1, S)
-        allowed = (key <= query)[None] & (key >= self.pad[:, None, None])  # (B, T, S)
-        allowed |= key == query  # a padding slot sees itself, so no row is all -inf (NaN)
-        return allowed[:, None]
 
 
 @dataclass
@@ -97,40 +54,26 @@ class Completion:
 class Engine:
     """Generate from a model: prefill, then decode one token at a time with a KV cache.
 
-    The engine works on the caller's model, not a copy, and changes it in two ways:
-
-    - it calls `model.eval()` (generation runs without dropout) and never switches
-      back: a caller that goes on training calls `model.train()` afterwards;
-    - by default it re-strides the blocks' wide CPU weights in place
-      (`relayout_for_decode`): the same Parameter objects, shapes and values, but no
-      longer contiguous, because that layout decodes one row faster on CPU. Code that
-      needs contiguous weights (`.view()`, raw pointers, a plain `safetensors` save),
-      or a model still being trained, should pass `relayout=False`, which leaves every
-      weight exactly as it was.
-
-    The output-head blocks and the prefetcher (`lmforge.engine.cpu_decode`) change
-    nothing in the model: the blocks are a separate copy, and the prefetcher's thread
-    count is restored when decoding ends.
+    The engine works on the caller's model, not a copy. It calls `model.eval()`
+    (generation runs without dropout) and never switches back: a caller that goes on
+    training calls `model.train()` afterwards. Nothing else in the model changes: for
+    one-row decoding on CPU the engine keeps packed copies of the weights
+    (`lmforge.engine.cpu_decode`), rebuilt when a weight changes.
     """
 
-    def __init__(
-        self, model: GPT, tokenizer: TextCodec | None = None, *, relayout: bool = True, prefetch: bool = True
-    ) -> None:
-        """Set `model` to eval mode and, with `relayout` (the default), store its blocks'
-        wide weights in the layout that decodes fastest, in place (see the class
-        docstring); pass `relayout=False` to leave a model that is still being trained
-        exactly as it was, e.g. when sampling between optimizer steps.
-        `prefetch` lets a second core read weights ahead when decoding one row on CPU
-        (see `lmforge.engine.prefetch`)."""
+    def __init__(self, model: GPT, tokenizer: TextCodec | None = None, *, packed: bool = True) -> None:
+        """`packed=False` decodes one row through the model's own layers, without the
+        packed copy of the weights that makes it faster on CPU (e.g. while training a
+        model close to the memory limit)."""
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
-        self.cpu = CpuDecoder(model, prefetch)  # the output head and the decode-time CPU tuning
-        if relayout:
-            relayout_for_decode(model)
+        self.cpu = CpuDecoder(model, packed)  # the output head and the one-row decode on CPU
 
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         T = ids.size(1)
+        if self.cpu.active and T == 1:  # one row decoding on CPU: the packed step
+            return self.cpu.logits(self.cpu.step(ids, cache))
         hidden = self.model.hidden_states(ids, pos=cache.positions(T), visible=cache.visible(T), cache=cache)
         return self.cpu.logits(hidden[:, -1])
 

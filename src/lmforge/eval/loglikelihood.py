@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmforge.engine.engine import KVCache
+from lmforge.engine.cache import KVCache
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 

@@ -7,4 +7,6 @@
 - `openai_gpt2.py`: OpenAI's original GPT-2 release (TensorFlow variable names), renamed
   to Hugging Face's GPT-2 names and read through `hf.py`.
 - `llama2c.py`: llama2.c's `.bin` checkpoints (read only).
+- `gguf.py`: one GGUF file for llama.cpp (write only): its gpt2 and llama architectures,
+  the tokenizer, the chat template as Jinja; f32, f16 or q8_0.
 """

@@ -73,7 +73,7 @@ def respond(model: GPT, prompts: Sequence[str], *, stop_strings: Sequence[str] =
     training left them and the model is back in training mode afterwards. With `progress`,
     a bar counts the answers (up to 256 tokens each: minutes on a CPU)."""
     tok = model.tokenizer
-    engine = Engine(model, tok, relayout=False, prefetch=False)
+    engine = Engine(model, tok, packed=False)
     context = model.config.context_length
     out: list[Completion | None] = []
     bar = tqdm(total=len(prompts), desc=desc, unit="answer", leave=False, disable=not progress)

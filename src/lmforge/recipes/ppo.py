@@ -282,7 +282,7 @@ class RL:
         started = time.monotonic()
         rows = [r for r in self._prompt_rows(iteration) for _ in range(cfg.responses_per_prompt)]
         prompt_ids = [self.train_ids[r] for r in rows]
-        engine = Engine(self.policy, tok, relayout=False, prefetch=False)
+        engine = Engine(self.policy, tok, packed=False)
         completions = engine.generate(prompt_ids, max_new_tokens=cfg.rollout_tokens,
                                       sampling=SamplingParams(temperature=cfg.rollout_temperature),
                                       seed=int(np.random.default_rng([cfg.seed, 11, iteration]).integers(2**63)),

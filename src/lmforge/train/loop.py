@@ -410,7 +410,7 @@ class Trainer:
         Every rank runs them: under FSDP each forward needs all ranks."""
         if self.tokenizer is None or not self.cfg.sample_prompts or self.cfg.sample_tokens <= 0:
             return []
-        engine = Engine(unwrap(self.wrapped), self.tokenizer, relayout=False, prefetch=False)
+        engine = Engine(unwrap(self.wrapped), self.tokenizer, packed=False)
         params = SamplingParams(temperature=0.8, top_k=50)
         out = engine.generate(list(self.cfg.sample_prompts), max_new_tokens=self.cfg.sample_tokens, sampling=params, seed=self.cfg.seed)
         self.wrapped.train()
