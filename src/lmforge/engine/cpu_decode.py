@@ -2,18 +2,19 @@
 
 Decoding one sequence is a chain of matrix-vector products, each bound by reading a
 weight matrix from memory, plus a few dozen small operations per layer. While
-`CpuDecoder.decoding(1)` is active on a CPU with oneDNN, the blocks' linear layers and
-the output head run against copies of their weights in oneDNN's blocked layout
-(`PackedLinear`), which its matrix-vector kernel streams with both cores at close to the
-memory's read speed (measured on gpt2's block shapes: 24-30 GB/s against 14-18 GB/s for
-nn.Linear's weights through BLAS). Layers that read the same input are packed as one
-matrix (q, k, v; gate and up) and GELU runs inside fc's matmul, so each block makes
-fewer, larger calls. The model's own parameters are left exactly as they are (LoRA and
-training see separate q, k, v); the packed copies cost one more copy of the weights,
-and are rebuilt when a weight changes.
+`CpuDecoder.decoding(1)` is active on a CPU with oneDNN, the engine runs `CpuDecoder.step`:
+the blocks' arithmetic over copies of their weights in oneDNN's blocked layout
+(`PackedLinear`), which its matrix-vector kernel streams at 19-30 GB/s per matrix against
+12-18 GB/s for nn.Linear's weights through BLAS (gpt2's and a Llama shape's matrices
+here). Layers that read the same input are packed as one matrix (q, k, v; gate and up),
+GELU runs inside fc's matmul and RoPE turns q and k in one pass, so each block makes
+fewer, larger calls. int8 and float16 layers (`lmforge.engine.quantize`) are fused the
+same way. The model's own parameters are left exactly as they are (LoRA and training
+see separate q, k, v); the packed copies cost one more copy of the weights, and are
+rebuilt when a weight changes.
 
-Off CPU, without oneDNN, for several rows, and for layers that are not plain nn.Linear
-(LoRA, 4-bit or int8 layers: they keep their own forward), the model runs as it is.
+Off CPU, without oneDNN, for several rows, and for a model with a layer the step cannot
+read as one (a LoRA adapter, 4-bit weights), the model runs through its own forward.
 """
 
 from __future__ import annotations
