@@ -6,9 +6,9 @@ as int8 with one fp32 scale (symmetric, absmax / 127: per-channel), the bias as 
 `Float16Linear` keeps them in float16; everything around the matmuls (norms, attention,
 the residual stream, the logits) stays in float32 either way.
 
-Its matmul quantizes the input too, each row by its own absolute maximum (as llama.cpp's
-q8_0 quantizes the activations it multiplies), so that the product runs in integers and a
-row's result never depends on the other rows of its batch:
+Its matmul quantizes the input too, each row by its own range (as llama.cpp's q8_0
+quantizes the activations it multiplies), so that the product runs in integers and a
+row's result never depends on the values of the other rows in its batch:
 
 - one row on a CPU with PyTorch's x86 quantized engine: the weight is prepacked once and
   `quantized.linear_dynamic` quantizes the row to uint8 and multiplies (VNNI where the CPU
@@ -16,7 +16,9 @@ row's result never depends on the other rows of its batch:
   against 13-15 ms in fp32;
 - several rows on a CPU (a prompt, a batch): each row to int8, `torch._int_mm`, and the
   row and channel scales applied to the int32 result (18% slower than the above at one row,
-  which is why one row takes the other path);
+  which is why one row takes the other path). The two paths round a row differently
+  (uint8 with a zero point there, symmetric int8 here), so a row decoded alone and the
+  same row in a batch can differ in the last bits; neither depends on the other rows' values;
 - elsewhere (CUDA): the weight is dequantized to the input's dtype for the matmul, which
   is exact to the stored int8 values and runs anywhere.
 
