@@ -284,15 +284,14 @@ def compiled(args: argparse.Namespace) -> None:
 def quality(args: argparse.Namespace) -> None:
     """int8 and fp16 weights against fp32 on a trained model: perplexity on held-out text and
     greedy continuations of its opening windows."""
-    base = lmforge.load(args.quality)
-    tok = base.tokenizer
-    ids = _held_out(Path(args.text), tok)
+    base = lmforge.load(args.quality)  # the fp32 row; int8 and float16 each convert a fresh load
+    ids = _held_out(Path(args.text), base.tokenizer)
     T = min(256, base.config.context_length)
     windows = ids[: (len(ids) // T) * T].view(-1, T)[: args.windows]
     rows = []
     reference: dict[int, list[int]] = {}
     for label, prepare in (("fp32", lambda m: m), ("int8", lambda m: quantize(m, "int8")), ("fp16 weights", lambda m: quantize(m, "float16"))):
-        model = prepare(lmforge.load(args.quality))
+        model = base if label == "fp32" else prepare(lmforge.load(args.quality))
         nll = sum(float(model(w[None, :-1], w[None, 1:])) for w in windows) / len(windows)
         engine = Engine(model)
         same = total = 0

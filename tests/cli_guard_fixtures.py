@@ -31,6 +31,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from cli_runner import release_fifo
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VERDICT = SHARED / "llms-from-scratch" / "the-verdict.txt"
 INSTRUCTIONS = SHARED / "llms-from-scratch" / "instruction-data.json"
@@ -431,18 +433,9 @@ INTERRUPT_AFTER = 120.0  # seconds before a run that has not returned gets Ctrl-
 
 
 def _release_fifos(fifos: Sequence[Path]) -> bool:
-    """Open each FIFO's other end without blocking and close it again: a reader or writer stuck
-    in open() returns (and sees end of file or a broken pipe). True if a reader was waiting."""
-    released = False
-    for fifo in fifos:
-        for flags in (os.O_WRONLY | os.O_NONBLOCK, os.O_RDONLY | os.O_NONBLOCK):
-            try:
-                fd = os.open(fifo, flags)
-            except OSError:  # ENXIO: no reader has it open
-                continue
-            released |= bool(flags & os.O_WRONLY)
-            os.close(fd)
-    return released
+    """`release_fifo` on each; True if a reader was waiting on any."""
+    released = [release_fifo(fifo) for fifo in fifos]  # every FIFO, not up to the first with a reader
+    return any(released)
 
 
 @contextlib.contextmanager

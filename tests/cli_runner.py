@@ -84,6 +84,22 @@ def _process_state_restored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def release_fifo(fifo: Path, writers: bool = True) -> bool:
+    """Open the FIFO's other end without blocking and close it again: a reader stuck in open()
+    returns and sees end of file (with `writers`, a stuck writer too, which then sees a broken
+    pipe). True if a reader was waiting."""
+    released = False
+    ends = (os.O_WRONLY | os.O_NONBLOCK, os.O_RDONLY | os.O_NONBLOCK) if writers else (os.O_WRONLY | os.O_NONBLOCK,)
+    for flags in ends:
+        try:
+            fd = os.open(fifo, flags)
+        except OSError:  # ENXIO: no reader has it open
+            continue
+        released |= bool(flags & os.O_WRONLY)
+        os.close(fd)
+    return released
+
+
 @contextlib.contextmanager
 def _fifo_watchdog(fifos: Sequence[Path], blocked: list[Path]) -> Iterator[None]:
     """A read of a FIFO nobody writes blocks forever: after FIFO_GRACE s, open each FIFO's
@@ -98,12 +114,7 @@ def _fifo_watchdog(fifos: Sequence[Path], blocked: list[Path]) -> Iterator[None]
             return
         while not done.wait(0.1):
             for fifo in fifos:
-                try:
-                    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                except OSError:  # ENXIO: no reader has it open
-                    continue
-                os.close(fd)
-                if fifo not in blocked:
+                if release_fifo(fifo, writers=False) and fifo not in blocked:
                     blocked.append(fifo)
 
     thread = threading.Thread(target=watch, name="run-cli-fifo-watchdog", daemon=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gguf
 import jinja2
+import llama_cpp  # the oracle, a test extra (pip install -e ".[test]"): never skipped
 import numpy as np
 import pytest
 import torch
@@ -39,8 +40,6 @@ from lmforge.tokenizer import Tokenizer, train_bpe
 from lmforge.tokenizer.llama2c import Llama2cTokenizer
 from lmforge.tokenizer.templates import TEMPLATES, template_named
 from lmforge.weights import save_pretrained
-
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the test extra) is not installed: pip install -e '.[test]'")
 
 STORIES = "weights/stories260K"
 F32_CACHE = 0  # GGML_TYPE_F32, for type_k / type_v

@@ -128,8 +128,8 @@ class CpuDecoder:
     fused in), no masks or positions tensors (one row has no padding). Each step is
     checked against the model's own path and the uncached reference in the tests.
 
-    The packed copies are built on the first one-row decode and kept (refreshed when a
-    weight changes, rebuilt when a layer is swapped); `release` drops them. A model with
+    The packed copies are built on the first one-row decode and kept for the engine's life
+    (refreshed when a weight changes, rebuilt when a layer is swapped). A model with
     a layer the decoder cannot read as one (a LoRA adapter, 4-bit weights) decodes
     through its own forward.
     """
@@ -229,7 +229,3 @@ class CpuDecoder:
                 self.active = False
 
         return active()
-
-    def release(self) -> None:
-        """Drop the packed copies (they are rebuilt on the next one-row decode)."""
-        self._layers, self._head, self._structure = None, None, ()

@@ -102,7 +102,7 @@ class Int8Linear(nn.Linear):
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if x.numel() == x.size(-1) and _x86_engine():  # one row: the engine's quantization is this row's own
-            return torch.ops.quantized.linear_dynamic(x, self._prepacked(), False)
+            return self.one_row(x)
         rows = x.reshape(-1, self.in_features)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127  # (M, 1)
         y = torch._int_mm(torch.round(rows / scale).to(torch.int8), self.weight_int8.t()) * (scale * self.weight_scale)
