@@ -38,8 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from lmforge.align.actor_critic import ActorCritic
 from lmforge.align.rl import (
@@ -56,6 +54,7 @@ from lmforge.align.rl import (
     value_loss,
     whiten,
 )
+from lmforge.align.rollout import ROLLOUT_FILE, Rollout, pad_rollout
 from lmforge.data.prompts import read_prompts, split_prompts
 from lmforge.engine import Engine, SamplingParams
 from lmforge.errors import LmforgeError
@@ -63,7 +62,6 @@ from lmforge.finetune.adapter import load_adapter, save_adapter
 from lmforge.io import atomic_write_text
 from lmforge.loading import load, resolve_model_path
 from lmforge.model import GPT
-from lmforge.ops.loss import IGNORE_INDEX
 from lmforge.recipes.classify import label_probabilities
 from lmforge.recipes.common import check_run_folder, eval_rows, load_base, own_run_folder, set_trainable, start_run, write_metrics
 from lmforge.recipes.config import RLConfig
@@ -85,7 +83,6 @@ from lmforge.train.loop import Trainer
 from lmforge.train.metrics import METRICS, plot_panels, read_metrics
 from lmforge.weights import load_pretrained, save_pretrained
 
-ROLLOUT_FILE = "rollout.safetensors"  # in a checkpoint's model folder: the iteration it was taken in
 PLOT_FILE = "rl.png"
 HELD_OUT_FOLDER = "held_out"  # held_out/iteration-K.jsonl: the greedy held-out answers at iteration K
 RATIO_LIMIT = 10.0  # a minibatch whose mean pi / pi_old passes this has left the trust region for good
@@ -156,47 +153,6 @@ def read_prompt_sets(path: str, template: str, say: Callable[[str], None]) -> Pr
 
 
 # --- one iteration's samples --------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """Responses sampled in one iteration and what PPO reads of them. `ids` (N, P + R): each
-    prompt left-padded to P columns, its response right-padded to R; per-token tensors
-    (N, R) in the layout of `align.rl`."""
-
-    iteration: int
-    ids: torch.Tensor
-    attention_mask: torch.Tensor
-    mask: torch.Tensor
-    logps: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-    @property
-    def prompt_columns(self) -> int:
-        return self.ids.size(1) - self.mask.size(1)
-
-    def __post_init__(self) -> None:
-        # the next-token targets of the input columns (N, P + R - 1): made once, read by every minibatch
-        P = self.prompt_columns
-        self._targets = torch.full((self.ids.size(0), self.ids.size(1) - 1), IGNORE_INDEX, dtype=torch.long,
-                                   device=self.ids.device)
-        self._targets[:, P - 1 :] = self.ids[:, P:].masked_fill(self.mask == 0, IGNORE_INDEX)
-
-    def targets(self) -> torch.Tensor:
-        """Next-token targets of the input columns (N, P + R - 1): the response tokens, IGNORE elsewhere."""
-        return self._targets
-
-    def save(self, path: Path) -> None:
-        tensors = {f.name: getattr(self, f.name).contiguous().cpu() for f in dataclasses.fields(self) if f.name != "iteration"}
-        save_file(tensors, path, metadata={"iteration": str(self.iteration)})
-
-    @classmethod
-    def read(cls, path: Path, device: torch.device) -> Rollout:
-        with safe_open(str(path), "pt") as f:
-            iteration = int((f.metadata() or {})["iteration"])
-        return cls(iteration=iteration, **{k: v.to(device) for k, v in load_file(str(path)).items()})
 
 
 def sampled_logprobs(model: GPT, ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
@@ -291,16 +247,8 @@ class RL:
         generated = time.monotonic()
         responses = [c.ids + ([tok.eot_id] if c.finish_reason == "stop" else []) for c in completions]
         ended = torch.tensor([c.finish_reason == "stop" for c in completions], device=device)
-        P, R = max(len(p) for p in prompt_ids), max(len(r) for r in responses)
-        N = len(rows)
-        ids = torch.zeros((N, P + R), dtype=torch.long, device=device)  # pad id 0, never read: the masks hide it
-        attention = torch.zeros((N, P + R), dtype=torch.long, device=device)
-        mask = torch.zeros((N, R), dtype=torch.float32, device=device)
-        for b, (p, r) in enumerate(zip(prompt_ids, responses)):
-            ids[b, P - len(p) : P] = torch.tensor(p, device=device)
-            ids[b, P : P + len(r)] = torch.tensor(r, device=device)
-            attention[b, P - len(p) : P + len(r)] = 1
-            mask[b, : len(r)] = 1
+        ids, attention, mask = pad_rollout(prompt_ids, responses, device)
+        N, P = ids.size(0), ids.size(1) - mask.size(1)
         rollout = Rollout(iteration, ids, attention, mask, *(torch.zeros_like(mask) for _ in range(4)))
         targets = rollout.targets()
         logps, entropy, values = [], [], []
