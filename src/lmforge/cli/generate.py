@@ -71,6 +71,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help="model folder (ours or Hugging Face) or llama2.c .bin")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, mps")
     add_weight_dtype_flag(p)
+    p.add_argument("--compile", action="store_true",
+                   help="decode fp32 weights on a CPU through a step compiled by TorchInductor: 1.4-1.6x faster, "
+                   "after a compile of 25-60 s on first use (cached on disk for later runs)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -89,7 +92,7 @@ def _engine(args: argparse.Namespace) -> Engine:
     model = load(args.model, device=pick_device(args.device))
     if args.dtype != "float32":
         quantize(model, args.dtype)
-    return Engine(model, model.tokenizer)
+    return Engine(model, model.tokenizer, compile=args.compile)
 
 
 def _prompt(args: argparse.Namespace, engine: Engine) -> list[int]:

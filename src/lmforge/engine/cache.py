@@ -24,6 +24,12 @@ class KVCache:
         self.length = 0
         self._last_layer = config.n_layer - 1
 
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (keys, values) over all `max_len` slots (B, nkv, max_len, hd): views
+        a compiled step writes in place."""
+        return self._layers
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, nkv, T, hd); return all filled slots (B, nkv, S, hd)."""
         start, end = self.length, self.length + k.size(2)

@@ -13,6 +13,9 @@ same way. The model's own parameters are left exactly as they are (LoRA and trai
 see separate q, k, v); the packed copies cost one more copy of the weights, and are
 rebuilt when a weight changes.
 
+With `compile=True` the step is Inductor's instead (`lmforge.engine.compiled`): the same
+arithmetic over frozen fp32 weights, 1.4-1.6x faster again, after a compile of 25-60 s.
+
 Off CPU, without oneDNN, for several rows, and for a model with a layer the step cannot
 read as one (a LoRA adapter, 4-bit weights), the model runs through its own forward.
 """
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.engine.cache import KVCache
+from lmforge.engine.compiled import CompiledStep, cache_length
 from lmforge.engine.quantize import Float16Linear, Int8Linear
 from lmforge.model import GPT, Block, SwiGLU, apply_rope, rope_cos_sin
 
@@ -134,10 +138,13 @@ class CpuDecoder:
     through its own forward.
     """
 
-    def __init__(self, model: GPT, packed: bool = True) -> None:
-        """`packed=False` decodes with the model's own layers (no extra copy of the weights)."""
+    def __init__(self, model: GPT, packed: bool = True, compile: bool = False) -> None:
+        """`packed=False` decodes with the model's own layers (no extra copy of the weights);
+        `compile=True` decodes fp32 weights through the compiled step."""
         self.model = model
         self.packed = packed
+        self.compile = compile
+        self._compiled: CompiledStep | None = None
         self.active = False
         self._layers: list[_Layer] | None = None
         self._head: PackedLinear | None = None
@@ -173,6 +180,19 @@ class CpuDecoder:
             return (head.weight @ hidden.t()).t().contiguous().float()
         return head(hidden).float()
 
+    def cache_length(self, needed: int, batch: int) -> int:
+        """The KV cache's length for a request that needs `needed` slots: a static bucket for
+        the compiled step (one compile serves many requests), else exactly `needed`."""
+        if self.compile and self._can_decode(batch):
+            return cache_length(needed, self.model.config.context_length)
+        return needed
+
+    def next_logits(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Next-token logits (1, V) after token (1, 1), the cache advanced by one slot."""
+        if self._compiled is not None:
+            return self._compiled(token, cache)
+        return self.logits(self.step(token, cache))
+
     def step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The final normed hidden state (1, C) after token (1, 1) at the cache's next slot."""
         model, config = self.model, self.model.config
@@ -203,22 +223,35 @@ class CpuDecoder:
                 x = x + layer.down(layer.up(h))
         return model.norm_f(x)[:, -1]
 
-    def decoding(self, batch: int) -> contextlib.AbstractContextManager:
+    def _can_decode(self, batch: int) -> bool:
+        return self.packed and batch == 1 and self._on_cpu() and onednn_available()
+
+    def decoding(self, batch: int, cache: KVCache | None = None) -> contextlib.AbstractContextManager:
         """While active (one row, CPU, oneDNN, `packed`, every block readable), `active` is
-        True: the engine decodes through `step` and the packed head."""
-        if not (self.packed and batch == 1 and self._on_cpu() and onednn_available()):
+        True: the engine decodes through `next_logits` (the packed step and head, or the
+        compiled step when `compile` is set, the weights are all fp32 and `cache` has the
+        length `cache_length` gave)."""
+        if not self._can_decode(batch):
             return contextlib.nullcontext()
         structure = tuple(map(id, self.model.modules()))  # a layer swapped since (LoRA, quantization): a new plan
         if structure != self._structure:
             self._layers, self._structure = self._build(), structure
             self._head = PackedLinear([self.model.lm_head]) if _plain(self.model.lm_head) else None
         if self._layers is None:
+            self._compiled = None
             return contextlib.nullcontext()
-        for layer in self._layers:
-            for packed in layer.packed():
-                packed.refresh()
-        if self._head is not None:
-            self._head.refresh()
+        compiled = (self.compile and cache is not None and self._head is not None
+                    and all(_plain(*(p.linears)) for layer in self._layers for p in layer.packed()))
+        if compiled:
+            if self._compiled is None or self._compiled.weights_key != self._compiled.key():
+                self._compiled = CompiledStep(self.model, rebuild=self._compiled is not None)
+        else:
+            self._compiled = None
+            for layer in self._layers:
+                for packed in layer.packed():
+                    packed.refresh()
+            if self._head is not None:
+                self._head.refresh()
 
         @contextlib.contextmanager
         def active() -> Iterator[None]:

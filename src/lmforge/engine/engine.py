@@ -61,19 +61,21 @@ class Engine:
     (`lmforge.engine.cpu_decode`), rebuilt when a weight changes.
     """
 
-    def __init__(self, model: GPT, tokenizer: TextCodec | None = None, *, packed: bool = True) -> None:
+    def __init__(self, model: GPT, tokenizer: TextCodec | None = None, *, packed: bool = True, compile: bool = False) -> None:
         """`packed=False` decodes one row through the model's own layers, without the
         packed copy of the weights that makes it faster on CPU (e.g. while training a
-        model close to the memory limit)."""
+        model close to the memory limit). `compile=True` decodes one row of fp32 weights
+        on CPU through a step compiled by Inductor (`lmforge.engine.compiled`): fastest,
+        after a compile of 25-60 s, and recompiled whenever a weight changes."""
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
-        self.cpu = CpuDecoder(model, packed)  # the output head and the one-row decode on CPU
+        self.cpu = CpuDecoder(model, packed, compile)  # the output head and the one-row decode on CPU
 
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         T = ids.size(1)
-        if self.cpu.active and T == 1:  # one row decoding on CPU: the packed step
-            return self.cpu.logits(self.cpu.step(ids, cache))
+        if self.cpu.active and T == 1:  # one row decoding on CPU: the packed or compiled step
+            return self.cpu.next_logits(ids, cache)
         hidden = self.model.hidden_states(ids, pos=cache.positions(T), visible=cache.visible(T), cache=cache)
         return self.cpu.logits(hidden[:, -1])
 
@@ -168,12 +170,12 @@ class Engine:
         ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             ids[b, int(pad[b]) :] = torch.tensor(p, device=device)
-        cache = KVCache(self.config, pad, max_len, self.model.tok_emb.weight.dtype)
+        cache = KVCache(self.config, pad, self.cpu.cache_length(max_len, len(prompts)), self.model.tok_emb.weight.dtype)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         logits = self._forward(ids, cache)
-        with self.cpu.decoding(len(prompts)):
+        with self.cpu.decoding(len(prompts), cache):
             for step in range(max_new_tokens):
                 token = sample(logits, sampling, generator)
                 yield token, logits

@@ -1,0 +1,140 @@
+"""The one-row decode step compiled by TorchInductor, for fp32 weights that stay fixed.
+
+Why compile: oneDNN's and BLAS's matrix-vector kernels stream a weight matrix at about
+20-30 GB/s here; Inductor's C++ GEMM template, given the weights as constants
+("freezing") and static shapes, packs them for its own vectorised micro-kernel and reads
+them at 30-42 GB/s (gpt2's and a Llama shape's layers, `benchmarks/bench_decode.py`),
+which is what decode speed is made of. Two conditions, both measured: every shape must
+be static (one symbolic size, such as a growing cache length, turns the weight packing
+off, and the matmuls fall back to BLAS at half the speed), and freezing must be set in
+Inductor's config (it is not read from `torch.compile(options=...)`).
+
+So the step attends over the whole preallocated cache under a mask (the cache length is
+a static bucket, `cache_length`), takes its position as a tensor, writes its key and
+value with `index_copy_`, and returns the logits. Weights are read through the model's
+own parameters (q, k, v and gate, up concatenated inside the graph, which freezing folds
+into one constant), so the model is unchanged; Inductor keeps one packed copy. The
+compiled step is rebuilt when a weight changes in place, after `torch.compiler.reset()`:
+Dynamo's guards check the parameters' identity, not their values, and would otherwise
+run the stale constants (tested). That reset drops every compiled function in the
+process, so the compiled step is for serving fixed weights, not for decoding between
+training steps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.engine.cache import KVCache
+from lmforge.model import GPT, SwiGLU, apply_rope, rope_cos_sin
+
+MIN_BUCKET = 256  # the smallest cache the compiled step is built for (each bucket compiles once)
+INDUCTOR_SETTINGS = {
+    "freezing": True,  # weights as constants: what lets Inductor pack them for its own GEMM kernel
+    "max_autotune": True,  # try that kernel against BLAS per matrix shape, keep the faster
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,  # and say nothing about it on stderr
+    "max_autotune_report_choices_stats": False,
+}
+
+
+def cache_length(needed: int, context_length: int) -> int:
+    """The cache length the compiled step runs at: `needed` rounded up to a power of two
+    (at least MIN_BUCKET, at most the context), so a few compiled shapes serve every
+    request, and attention over unused slots costs at most as much again as the used ones."""
+    bucket = MIN_BUCKET
+    while bucket < needed:
+        bucket *= 2
+    return max(min(bucket, context_length), needed)
+
+
+def _cat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return weight, bias
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """One query row per head (1, nh, 1, hd) over the whole cache (1, nkv, L, hd), the
+    slots past the position masked out. Spelled out rather than through the fused kernel:
+    with a mask, CPU's flash attention took 385 us a layer for this single row (a third of
+    a token's time on the Llama shape), where two small matmuls and a softmax that
+    Inductor generates take a few."""
+    nkv, hd = keys.size(1), keys.size(3)
+    group = q.size(1) // nkv  # query heads sharing a KV head (GQA; 1 is plain multi-head)
+    scores = (q.view(1, nkv, group, hd) @ keys.transpose(-1, -2)) * hd**-0.5  # (1, nkv, group, L)
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return weights @ values  # (1, nkv, group, hd): the heads in q's order
+
+
+class DecodeStep(nn.Module):
+    """One token of one row through every block and the head, in static shapes: token
+    (1, 1), pos (1,), each layer's keys and values (1, nkv, L, hd), written at `pos` in
+    place; returns the next-token logits (1, V). The same arithmetic as `CpuDecoder.step`."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        model, config = self.model, self.model.config
+        nh, nkv, hd = config.n_head, config.n_kv_head, config.head_dim
+        x = model.tok_emb(token)  # (1, 1, C)
+        visible = (torch.arange(keys[0].size(2), device=pos.device) <= pos).view(1, 1, 1, -1)
+        rope = None
+        if model.pos_emb is not None:
+            x = x + model.pos_emb(pos.view(1, 1))
+        else:
+            rope = rope_cos_sin(model.inv_freq, pos.view(1, 1), x.dtype)
+        for i, block in enumerate(model.blocks):
+            attn, mlp = block.attn, block.mlp
+            qkv = F.linear(block.norm1(x), *_cat(attn.q, attn.k, attn.v)).view(1, nh + 2 * nkv, 1, hd)
+            if rope is not None:
+                qk = apply_rope(qkv[:, : nh + nkv], *rope)
+                q, k = qk[:, :nh], qk[:, nh:]
+            else:
+                q, k = qkv[:, :nh], qkv[:, nh : nh + nkv]
+            keys[i].index_copy_(2, pos, k)
+            values[i].index_copy_(2, pos, qkv[:, nh + nkv :])
+            y = _attend(q, keys[i], values[i], visible)
+            x = x + attn.o(y.view(1, 1, nh * hd))
+            h = block.norm2(x)
+            if isinstance(mlp, SwiGLU):
+                gate, up = F.linear(h, *_cat(mlp.gate, mlp.up)).split(mlp.up.out_features, dim=-1)
+                x = x + mlp.down(F.silu(gate) * up)
+            else:
+                x = x + mlp.proj(F.gelu(mlp.fc(h), approximate=mlp.approximate))
+        return model.lm_head(model.norm_f(x)[:, -1]).float()
+
+
+class CompiledStep:
+    """`DecodeStep` compiled for the model's current weights; `__call__(token, cache)` gives
+    the next-token logits and advances the cache by one slot."""
+
+    def __init__(self, model: GPT, rebuild: bool = False) -> None:
+        """`rebuild`: the model's weights changed since a step was compiled for them."""
+        if rebuild:
+            torch.compiler.reset()
+        self.model = model
+        self.weights_key = self.key()
+        self._fn: Callable[..., torch.Tensor] = torch.compile(DecodeStep(model), dynamic=False, fullgraph=True)
+
+    def key(self) -> tuple:
+        """What the frozen constants were taken from: every parameter's storage and version."""
+        return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.model.parameters())
+
+    def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        import torch._inductor.config as inductor_config  # Inductor loads only when a step is compiled
+
+        keys, values = zip(*cache.layers)
+        pos = torch.tensor([cache.length], device=token.device)
+        with inductor_config.patch(INDUCTOR_SETTINGS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # Inductor's own, while compiling
+            logits = self._fn(token, pos, list(keys), list(values))
+        cache.length += 1
+        return logits
