@@ -226,11 +226,10 @@ class CpuDecoder:
     def _can_decode(self, batch: int) -> bool:
         return self.packed and batch == 1 and self._on_cpu() and onednn_available()
 
-    def decoding(self, batch: int, cache: KVCache | None = None) -> contextlib.AbstractContextManager:
+    def decoding(self, batch: int) -> contextlib.AbstractContextManager:
         """While active (one row, CPU, oneDNN, `packed`, every block readable), `active` is
-        True: the engine decodes through `next_logits` (the packed step and head, or the
-        compiled step when `compile` is set, the weights are all fp32 and `cache` has the
-        length `cache_length` gave)."""
+        True: the engine decodes through `next_logits`: the packed step and head, or the
+        compiled step when `compile` is set and every weight is a plain fp32 matrix."""
         if not self._can_decode(batch):
             return contextlib.nullcontext()
         structure = tuple(map(id, self.model.modules()))  # a layer swapped since (LoRA, quantization): a new plan
@@ -240,7 +239,7 @@ class CpuDecoder:
         if self._layers is None:
             self._compiled = None
             return contextlib.nullcontext()
-        compiled = (self.compile and cache is not None and self._head is not None
+        compiled = (self.compile and self._head is not None
                     and all(_plain(*(p.linears)) for layer in self._layers for p in layer.packed()))
         if compiled:
             if self._compiled is None or self._compiled.weights_key != self._compiled.key():

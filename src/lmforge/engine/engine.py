@@ -175,7 +175,7 @@ class Engine:
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         logits = self._forward(ids, cache)
-        with self.cpu.decoding(len(prompts), cache):
+        with self.cpu.decoding(len(prompts)):
             for step in range(max_new_tokens):
                 token = sample(logits, sampling, generator)
                 yield token, logits
