@@ -37,11 +37,12 @@ ITERATION_KEYS = {"iteration", "score", "kl", "kl_coef", "rlhf_reward", "entropy
                   "response_tokens", "eot_rate", "generate_s", "score_s", "train_s", "policy_loss"}
 
 
-def share_of_e(prompts, responses) -> list[float]:
-    """The rule reward: the share of the response's non-space characters that are "e".
-    (Spaces are left out so that "e e e" scores as "eee": counting them made " e" tokens a
-    local optimum at 0.5 that PPO settled in on two seeds of four.)"""
-    return [(text := "".join(r.split())).count("e") / max(len(text), 1) for r in responses]
+def words_with_e(prompts, responses) -> list[float]:
+    """The rule reward: the share of the response's words that contain an "e" (0 for an
+    empty response). Its optimum is every word, which any "e"-bearing token reaches. (A
+    share of characters had a local optimum at 0.5 in the BPE's " he" token, where some
+    runs settled: "he he he".)"""
+    return [sum("e" in w for w in words) / len(words) if (words := r.split()) else 0.0 for r in responses]
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +86,19 @@ def cli(*args: object) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
 def test_each_algorithm_learns_a_rule_reward_from_a_random_policy(world, tmp_path, algo):
-    """60 iterations at lr 3e-3 take a random policy's held-out share of "e" from ~0 to at
-    least one half: the same budget for the three. Half is where the BPE's " he" token
-    sits, a local optimum that two of the three stop at on this seed (on seeds 0-3,
-    9 of 12 runs went on to 0.98 or more)."""
+    """60 iterations at lr 3e-3 take a random policy's held-out share of words with an "e"
+    from ~0 to at least 0.9: the same budget for the three (on seeds 0-3 all 12 runs
+    reached 1.000 held out, their sampled responses 0.865-1.000 over the last 5 iterations)."""
     lr = 3e-3
     cfg = rl_config(world, tmp_path / algo, algo=algo, iterations=60, rollout_batch=16 if algo == "ppo" else 4, lr=lr,
                     min_lr=lr, kl_coef=0.0)
-    result = ppo.run(cfg, say=lambda _: None, progress=False, reward=share_of_e)
+    result = ppo.run(cfg, say=lambda _: None, progress=False, reward=words_with_e)
     held = result.metrics["held_out"]
-    assert held["before"]["score"] < 0.2 and held["after"]["score"] > 0.45, held
+    assert held["before"]["score"] < 0.2 and held["after"]["score"] >= 0.9, held
     rows = records(tmp_path / algo)
     assert [r["iteration"] for r in rows] == list(range(1, 61))
     assert ITERATION_KEYS <= set(rows[-1]) and (("value_loss" in rows[-1]) == (algo == "ppo"))
-    assert rows[0]["score"] < 0.2 and min(r["score"] for r in rows[-5:]) > 0.4  # the sampled responses too
+    assert rows[0]["score"] < 0.4 and min(r["score"] for r in rows[-5:]) > 0.75  # the sampled responses too
     assert result.metrics["iterations"] == 60 and result.metrics["steps"] == 60 * cfg.steps_per_iteration
     answers = [json.loads(line) for line in (tmp_path / algo / "responses.jsonl").read_text().splitlines()]
     assert len(answers) == 8 and {"prompt", "before", "after", "score_before", "score_after"} <= set(answers[0])
@@ -116,7 +116,7 @@ def test_a_rollout_is_laid_out_masked_and_scored_as_the_equations_expect(world, 
     policy = lmforge.load(world["policy"])
     model = ActorCritic(policy)
     prompts = ppo.read_prompt_sets(str(world["prompts"]), "auto", lambda _: None)
-    rl = ppo.RL(cfg, model, Reference(policy, lmforge.load(world["policy"])), share_of_e, prompts, lambda _: {}, print)
+    rl = ppo.RL(cfg, model, Reference(policy, lmforge.load(world["policy"])), words_with_e, prompts, lambda _: {}, print)
     r = rl.collect(0)
     eot = policy.tokenizer.eot_id
     P = r.prompt_columns
@@ -160,13 +160,13 @@ def test_resume_mid_iteration_is_exact_with_adaptive_kl_and_reward_statistics(wo
     the weights, value head, KL coefficient and logged figures of the run never cut."""
     kw = dict(iterations=3, rollout_batch=8, target_kl=0.5, kl_horizon=50, reward_norm=True, reward_clip=3.0, save_every=1,
               keep_last=0, lr=3e-3, min_lr=3e-3)
-    whole = ppo.run(rl_config(world, tmp_path / "whole", **kw), say=lambda _: None, progress=False, reward=share_of_e)
-    ppo.run(rl_config(world, tmp_path / "cut", **kw), say=lambda _: None, progress=False, reward=share_of_e)
+    whole = ppo.run(rl_config(world, tmp_path / "whole", **kw), say=lambda _: None, progress=False, reward=words_with_e)
+    ppo.run(rl_config(world, tmp_path / "cut", **kw), say=lambda _: None, progress=False, reward=words_with_e)
     for ck in list_checkpoints(tmp_path / "cut")[3:]:
         shutil.rmtree(ck)
     said: list[str] = []
     resumed = ppo.run(rl_config(world, tmp_path / "cut", resume="latest", **kw), say=said.append, progress=False,
-                      reward=share_of_e)
+                      reward=words_with_e)
     assert any("resumed from" in s and "step-00000003" in s for s in said), said
     assert whole.metrics["kl_coef"] == resumed.metrics["kl_coef"] != 0.05  # adapted, and restored exactly
     a, b = (list_checkpoints(tmp_path / r)[-1] / "model" for r in ("whole", "cut"))
@@ -226,7 +226,7 @@ def test_refusals_and_the_stop_diagnostics(world, tmp_path, monkeypatch):
     cfg = rl_config(world, tmp_path / "kl", iterations=6, rollout_batch=8, lr=3e-2, min_lr=3e-2, kl_coef=0.0, stop_kl=2.0,
                     save_every=2)
     with pytest.raises(lmforge.LmforgeError, match=r"past --stop-kl 2.*last good checkpoint is .*step-0000000"):
-        ppo.run(cfg, say=lambda _: None, progress=False, reward=share_of_e)
+        ppo.run(cfg, say=lambda _: None, progress=False, reward=words_with_e)
     # a reward that is not finite stops it at once
     cfg = rl_config(world, tmp_path / "nan", iterations=2, rollout_batch=8)
     with pytest.raises(lmforge.LmforgeError, match="non-finite scores"):
