@@ -46,7 +46,8 @@ INDUCTOR_SETTINGS = {
 def cache_length(needed: int, context_length: int) -> int:
     """The cache length the compiled step runs at: `needed` rounded up to a power of two
     (at least MIN_BUCKET, at most the context), so a few compiled shapes serve every
-    request, and attention over unused slots costs at most as much again as the used ones."""
+    request. Attention then reads up to twice the slots in use (more below MIN_BUCKET),
+    a few MB a token against hundreds for the weights."""
     bucket = MIN_BUCKET
     while bucket < needed:
         bucket *= 2
