@@ -18,22 +18,19 @@ class KVCache:
         shape = (config.n_layer, len(pad), config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
         self.v = torch.zeros(shape, dtype=dtype, device=pad.device)
-        self._layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]  # each layer's (k, v) views, made once
+        # each layer's keys and values over all max_len slots (B, nkv, max_len, hd): views made once,
+        # which `update` and the compiled step write in place
+        self.keys = [self.k[i] for i in range(config.n_layer)]
+        self.values = [self.v[i] for i in range(config.n_layer)]
         self.pad = pad
         self.max_len = max_len
         self.length = 0
         self._last_layer = config.n_layer - 1
 
-    @property
-    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (keys, values) over all `max_len` slots (B, nkv, max_len, hd): views
-        a compiled step writes in place."""
-        return self._layers
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, nkv, T, hd); return all filled slots (B, nkv, S, hd)."""
         start, end = self.length, self.length + k.size(2)
-        keys, values = self._layers[layer]
+        keys, values = self.keys[layer], self.values[layer]
         keys.narrow(2, start, end - start).copy_(k)
         values.narrow(2, start, end - start).copy_(v)
         if layer == self._last_layer:

@@ -121,21 +121,14 @@ class CompiledStep:
         """`rebuild`: the model's weights changed since a step was compiled for them."""
         if rebuild:
             torch.compiler.reset()
-        self.model = model
-        self.weights_key = self.key()
         self._fn: Callable[..., torch.Tensor] = torch.compile(DecodeStep(model), dynamic=False, fullgraph=True)
-
-    def key(self) -> tuple:
-        """What the frozen constants were taken from: every parameter's storage and version."""
-        return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.model.parameters())
 
     def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         import torch._inductor.config as inductor_config  # Inductor loads only when a step is compiled
 
-        keys, values = zip(*cache.layers)
         pos = torch.tensor([cache.length], device=token.device)
         with inductor_config.patch(INDUCTOR_SETTINGS), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # Inductor's own, while compiling
-            logits = self._fn(token, pos, list(keys), list(values))
+            logits = self._fn(token, pos, cache.keys, cache.values)
         cache.length += 1
         return logits

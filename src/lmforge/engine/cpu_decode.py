@@ -23,7 +23,7 @@ read as one (a LoRA adapter, 4-bit weights), the model runs through its own forw
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +41,10 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _version(t: torch.Tensor) -> int:
-    return 0 if t.is_inference() else t._version  # inference tensors keep no version
+def _weights_key(tensors: Iterable[torch.Tensor]) -> tuple:
+    """What a copy of these tensors was taken from: each one's storage and version (an
+    in-place change bumps the version; inference tensors keep none)."""
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
 
 
 class PackedLinear:
@@ -67,8 +69,7 @@ class PackedLinear:
         self._key: tuple | None = None
 
     def refresh(self) -> None:
-        sources = [t for linear in self.linears for t in (*linear.parameters(), *linear.buffers())]
-        key = tuple((t.data_ptr(), _version(t)) for t in sources)
+        key = _weights_key(t for linear in self.linears for t in (*linear.parameters(), *linear.buffers()))
         if key == self._key:
             return
         with torch.no_grad():
@@ -145,6 +146,7 @@ class CpuDecoder:
         self.packed = packed
         self.compile = compile
         self._compiled: CompiledStep | None = None
+        self._compiled_key: tuple = ()  # the weights the compiled step froze (`_weights_key`)
         self.active = False
         self._layers: list[_Layer] | None = None
         self._head: PackedLinear | None = None
@@ -242,8 +244,10 @@ class CpuDecoder:
         compiled = (self.compile and self._head is not None
                     and all(_plain(*(p.linears)) for layer in self._layers for p in layer.packed()))
         if compiled:
-            if self._compiled is None or self._compiled.weights_key != self._compiled.key():
+            key = _weights_key(self.model.parameters())
+            if self._compiled is None or key != self._compiled_key:
                 self._compiled = CompiledStep(self.model, rebuild=self._compiled is not None)
+                self._compiled_key = key
         else:
             self._compiled = None
             for layer in self._layers:
