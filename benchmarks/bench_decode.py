@@ -7,7 +7,7 @@ llama-cpp-python (when installed). Batch 1, a 32-token prompt, 128 new tokens gr
 threads torch has (2 here); contenders take turns round after round and the medians are
 reported, so a burst of load on a shared machine hits all of them alike.
 
-Rows: decode tokens/s (ours fp32, fp32 compiled (`Engine(compile=True)`), int8 and fp16 weights; llama.cpp f32, q8_0, f16), prefill
+Rows: decode tokens/s (ours fp32, fp32 compiled (`Engine(compile=True)`), int8 (eager and compiled) and fp16 weights; llama.cpp f32, q8_0, f16), prefill
 of 512 tokens, batch 8; where one token's time goes (weight reads, attention, sampling,
 the rest: Python and dispatch), from the profiler's per-operator times and the unprofiled
 wall time; greedy agreement. `--only compile` measures `torch.compile` on the decode step.
@@ -126,7 +126,12 @@ def speed(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             runs["ours fp32 compiled"](1)
             compile_s.append(f"{shape} {time.perf_counter() - started:.1f} s")
-            runs["ours int8"] = ours(quantize(build(shape, args.data)[0], "int8"), prompt)
+            int8 = quantize(build(shape, args.data)[0], "int8")
+            runs["ours int8"] = ours(int8, prompt)
+            runs["ours int8 compiled"] = ours(int8, prompt, compile=True)
+            started = time.perf_counter()
+            runs["ours int8 compiled"](1)
+            compile_s.append(f"{shape} int8 {time.perf_counter() - started:.1f} s")
             runs["ours fp16 weights"] = ours(quantize(build(shape, args.data)[0], "float16"), prompt)
             if have_llama:
                 for outtype in ("f32", "q8_0", "f16"):
@@ -142,7 +147,7 @@ def speed(args: argparse.Namespace) -> None:
                     speeds[name].append(run(NEW)[0])
             med = {name: statistics.median(s) for name, s in speeds.items()}
             for name in runs:
-                vs = {"ours fp32": "llama.cpp f32", "ours fp32 compiled": "llama.cpp f32", "ours int8": "llama.cpp q8_0", "ours fp16 weights": "llama.cpp f16"}.get(name)
+                vs = {"ours fp32": "llama.cpp f32", "ours fp32 compiled": "llama.cpp f32", "ours int8": "llama.cpp q8_0", "ours int8 compiled": "llama.cpp q8_0", "ours fp16 weights": "llama.cpp f16"}.get(name)
                 ratio = f"{med[name] / med[vs]:.2f}x {vs}" if vs in med else ""
                 rows.append([f"{shape}: decode, batch 1, {name}", med[name], f"{min(speeds[name]):.1f}-{max(speeds[name]):.1f}", ratio])
             fill = {"ours fp32": prefill(model)}
@@ -167,7 +172,7 @@ def speed(args: argparse.Namespace) -> None:
     print(f"# Decode, batch 1, {PROMPT}-token prompt, {NEW} new tokens, {torch.get_num_threads()} threads, medians of {args.rounds} alternating rounds\n")
     print_table(["", "tokens/s", "range", "ratio"], rows)
     print(f"\n(--compile: the first generation, compiling included: {', '.join(compile_s)})")
-    others = [n for n in ("ours fp32 compiled", "ours int8", "ours fp16 weights", "llama.cpp f32", "llama.cpp q8_0", "llama.cpp f16") if have_llama or n.startswith("ours")]
+    others = [n for n in ("ours fp32 compiled", "ours int8", "ours int8 compiled", "ours fp16 weights", "llama.cpp f32", "llama.cpp q8_0", "llama.cpp f16") if have_llama or n.startswith("ours")]
     print("\n# Greedy agreement over 32 tokens: ours fp32 vs our reference path, then each contender vs ours fp32\n")
     print_table(["shape", "fp32 == reference", *others], agree)
 

@@ -14,7 +14,7 @@ from lmforge.cli import main
 from lmforge.engine import Engine, generate_uncached
 from lmforge.engine import compiled
 from lmforge.engine.compiled import MIN_BUCKET, cache_length
-from lmforge.engine.quantize import quantize
+from lmforge.engine.quantize import Int8Linear, int8_one_row, quantize
 from lmforge.finetune.lora import LoRAConfig, apply_lora
 from lmforge.weights import save_pretrained
 
@@ -74,14 +74,38 @@ def test_a_weight_changed_or_a_layer_swapped_is_seen(monkeypatch):
     assert engine.cpu._compiled is None
 
 
-def test_int8_weights_and_batches_take_their_own_paths():
-    model = quantize(make_model("small"), "int8")
+@pytest.mark.parametrize("family", ["nano", "small"])
+def test_int8_weights_compile_to_the_same_tokens(family, monkeypatch):
+    """int8 layers go through their operator inside the compiled graph: the same kernel
+    as the packed step, so the same tokens, and logits equal up to the order of the sums
+    around it. A second int8 model in the same process decodes with its own weights."""
+    monkeypatch.setitem(compiled.INDUCTOR_SETTINGS, "max_autotune", False)  # no fp32 matmul to search for
+    model = quantize(make_model(family), "int8")
+    packed = list(Engine(model).steps([PROMPT], 24, GREEDY))
     engine = Engine(model, compile=True)
-    assert engine.generate([PROMPT], max_new_tokens=8, sampling=GREEDY)[0].ids == \
-        Engine(model).generate([PROMPT], max_new_tokens=8, sampling=GREEDY)[0].ids
-    assert engine.cpu._compiled is None
-    rows = engine.generate([PROMPT, PROMPT[:4]], max_new_tokens=8, sampling=GREEDY)
+    steps = list(engine.steps([PROMPT], 24, GREEDY))
+    assert engine.cpu._compiled is not None
+    assert [int(t[0]) for t, _ in steps] == [int(t[0]) for t, _ in packed]
+    assert max((a[0] - b[0]).abs().max().item() for (_, a), (_, b) in zip(steps, packed)) <= 1e-4
+    other = make_model(family)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p), alpha=0.2)
+    other_ids = Engine(quantize(other, "int8")).generate([PROMPT], max_new_tokens=12, sampling=GREEDY)[0].ids
+    assert other_ids != [int(t[0]) for t, _ in packed[:12]]  # the two models tell apart
+    assert Engine(other, compile=True).generate([PROMPT], max_new_tokens=12, sampling=GREEDY)[0].ids == other_ids
+    rows = engine.generate([PROMPT, PROMPT[:4]], max_new_tokens=8, sampling=GREEDY)  # a batch: the model's own path
     assert [r.ids for r in rows] == [generate_uncached(model, p, 8)[0] for p in (PROMPT, PROMPT[:4])]
+
+
+def test_the_int8_operator_finds_its_layer_or_packs_one():
+    """`lmforge::int8_one_row` on a layer's own buffers, and on copies no layer owns."""
+    layer = Int8Linear.from_weight(torch.randn(48, 32), torch.randn(48))
+    x = torch.randn(1, 1, 32)
+    expected = layer.one_row(x)
+    assert torch.equal(int8_one_row(x, layer.weight_int8, layer.weight_scale, layer.bias), expected)
+    copies = (layer.weight_int8.clone(), layer.weight_scale.clone(), layer.bias.detach().clone())
+    assert torch.equal(int8_one_row(x, *copies), expected)
 
 
 @pytest.mark.parametrize(("needed", "context", "expected"), [

@@ -1,4 +1,4 @@
-"""The one-row decode step compiled by TorchInductor, for fp32 weights that stay fixed.
+"""The one-row decode step compiled by TorchInductor, for fp32 or int8 weights that stay fixed.
 
 Why compile: oneDNN's and BLAS's matrix-vector kernels stream a weight matrix at about
 20-30 GB/s here; Inductor's C++ GEMM template, given the weights as constants
@@ -19,18 +19,26 @@ Dynamo's guards check the parameters' identity, not their values, and would othe
 run the stale constants (tested). That reset drops every compiled function in the
 process, so the compiled step is for serving fixed weights, not for decoding between
 training steps.
+
+int8 weights (`lmforge.engine.quantize`) keep the engine's int8 kernel, called as an
+operator from the graph (`int8_one_row`); what compiling gives them is everything
+around the matmuls (norms, RoPE, attention, the residual stream) as a few fused loops
+instead of some 40 eager operators a layer: on the Llama shape (an AVX2 machine), the
+8 ms or so a token spent outside the int8 matmuls became 3.5-5 (timed with them stubbed
+out).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.engine.cache import KVCache
+from lmforge.engine.quantize import Int8Linear, int8_one_row
 from lmforge.model import GPT, SwiGLU, apply_rope, rope_cos_sin
 
 MIN_BUCKET = 256  # the smallest cache the compiled step is built for (each bucket compiles once)
@@ -54,33 +62,49 @@ def cache_length(needed: int, context_length: int) -> int:
     return max(min(bucket, context_length), needed)
 
 
-def _cat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight for m in linears])
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    return weight, bias
+Reads = Sequence[nn.Module]  # linear layers that read the same input, read as one
+
+
+def _linear(x: torch.Tensor, layers: Reads) -> torch.Tensor:
+    """x through `layers`, their outputs side by side. fp32 layers are concatenated here,
+    inside the graph (freezing folds the result into one constant); an int8 layer (already
+    one, concatenated by the decoder) goes through its operator, not traced into."""
+    if isinstance(layers[0], Int8Linear):
+        (layer,) = layers
+        return int8_one_row(x, layer.weight_int8, layer.weight_scale, layer.bias)
+    weight = torch.cat([m.weight for m in layers])
+    bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+    return F.linear(x, weight, bias)
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """One query row per head (1, nh, 1, hd) over the whole cache (1, nkv, L, hd), the
-    slots past the position masked out. Spelled out rather than through the fused kernel:
-    with a mask, CPU's flash attention took 385 us a layer for this single row (a third of
-    a token's time on the Llama shape), where two small matmuls and a softmax that
-    Inductor generates take a few."""
+    slots past the position masked out. Spelled out as products and sums, which Inductor
+    turns into loops reading the cache where it lies. Two other ways were measured on the
+    Llama shape: CPU's fused kernel with a mask took 385 us a layer for this single row;
+    as two batched matmuls, Inductor's GEMM template first copied the whole key cache into
+    its own layout, twice, 184 us a layer (2.2 ms of a token)."""
     nkv, hd = keys.size(1), keys.size(3)
     group = q.size(1) // nkv  # query heads sharing a KV head (GQA; 1 is plain multi-head)
-    scores = (q.view(1, nkv, group, hd) @ keys.transpose(-1, -2)) * hd**-0.5  # (1, nkv, group, L)
+    scores = (q.view(1, nkv, group, 1, hd) * keys.unsqueeze(2)).sum(-1) * hd**-0.5  # (1, nkv, group, L)
     weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    return weights @ values  # (1, nkv, group, hd): the heads in q's order
+    return (weights.unsqueeze(-1) * values.unsqueeze(2)).sum(-2)  # (1, nkv, group, hd): the heads in q's order
 
 
 class DecodeStep(nn.Module):
     """One token of one row through every block and the head, in static shapes: token
     (1, 1), pos (1,), each layer's keys and values (1, nkv, L, hd), written at `pos` in
-    place; returns the next-token logits (1, V). The same arithmetic as `CpuDecoder.step`."""
+    place; returns the next-token logits (1, V). The same arithmetic as `CpuDecoder.step`.
 
-    def __init__(self, model: GPT) -> None:
+    `reads`: each block's (q k v, o, gate up or fc, down) and the head, as the layers
+    read for each (`CpuDecoder` gives the model's own fp32 layers, or its concatenated
+    int8 ones); the norms, embeddings and RoPE are the model's."""
+
+    def __init__(self, model: GPT, reads: Sequence[Sequence[Reads]], head: Reads) -> None:
         super().__init__()
         self.model = model
+        self.reads = nn.ModuleList(nn.ModuleList(nn.ModuleList(layers) for layers in block) for block in reads)
+        self.head = nn.ModuleList(head)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         model, config = self.model, self.model.config
@@ -92,9 +116,8 @@ class DecodeStep(nn.Module):
             x = x + model.pos_emb(pos.view(1, 1))
         else:
             rope = rope_cos_sin(model.inv_freq, pos.view(1, 1), x.dtype)
-        for i, block in enumerate(model.blocks):
-            attn, mlp = block.attn, block.mlp
-            qkv = F.linear(block.norm1(x), *_cat(attn.q, attn.k, attn.v)).view(1, nh + 2 * nkv, 1, hd)
+        for i, (block, (qkv_in, o, up, down)) in enumerate(zip(model.blocks, self.reads)):
+            qkv = _linear(block.norm1(x), qkv_in).view(1, nh + 2 * nkv, 1, hd)
             if rope is not None:
                 qk = apply_rope(qkv[:, : nh + nkv], *rope)
                 q, k = qk[:, :nh], qk[:, nh:]
@@ -103,25 +126,27 @@ class DecodeStep(nn.Module):
             keys[i].index_copy_(2, pos, k)
             values[i].index_copy_(2, pos, qkv[:, nh + nkv :])
             y = _attend(q, keys[i], values[i], visible)
-            x = x + attn.o(y.view(1, 1, nh * hd))
-            h = block.norm2(x)
-            if isinstance(mlp, SwiGLU):
-                gate, up = F.linear(h, *_cat(mlp.gate, mlp.up)).split(mlp.up.out_features, dim=-1)
-                x = x + mlp.down(F.silu(gate) * up)
+            x = x + _linear(y.view(1, 1, nh * hd), o)
+            h = _linear(block.norm2(x), up)
+            if isinstance(block.mlp, SwiGLU):
+                gate, up_h = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up_h
             else:
-                x = x + mlp.proj(F.gelu(mlp.fc(h), approximate=mlp.approximate))
-        return model.lm_head(model.norm_f(x)[:, -1]).float()
+                h = F.gelu(h, approximate=block.mlp.approximate)
+            x = x + _linear(h, down)
+        return _linear(model.norm_f(x)[:, -1], self.head).float()
 
 
 class CompiledStep:
     """`DecodeStep` compiled for the model's current weights; `__call__(token, cache)` gives
     the next-token logits and advances the cache by one slot."""
 
-    def __init__(self, model: GPT, rebuild: bool = False) -> None:
-        """`rebuild`: the model's weights changed since a step was compiled for them."""
+    def __init__(self, model: GPT, reads: Sequence[Sequence[Reads]], head: Reads, rebuild: bool = False) -> None:
+        """`reads`, `head`: as `DecodeStep` takes them. `rebuild`: the model's weights
+        changed since a step was compiled for them."""
         if rebuild:
             torch.compiler.reset()
-        self._fn: Callable[..., torch.Tensor] = torch.compile(DecodeStep(model), dynamic=False, fullgraph=True)
+        self._fn: Callable[..., torch.Tensor] = torch.compile(DecodeStep(model, reads, head), dynamic=False, fullgraph=True)
 
     def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         import torch._inductor.config as inductor_config  # Inductor loads only when a step is compiled

@@ -100,6 +100,11 @@ def _plain(*linears: nn.Module) -> bool:
     return all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears)
 
 
+def _compilable(linears: Sequence[nn.Module]) -> bool:
+    """Layers the compiled step reads: plain fp32 ones, or int8 ones (through their operator)."""
+    return _plain(*linears) or all(type(m) is Int8Linear for m in linears)
+
+
 def _fusable(*linears: nn.Module) -> bool:
     """Layers the decoder can read as one: all plain fp32, or all int8, or all float16 (on CPU)."""
     kind = type(linears[0])
@@ -225,13 +230,30 @@ class CpuDecoder:
                 x = x + layer.down(layer.up(h))
         return model.norm_f(x)[:, -1]
 
+    def _compile(self) -> None:
+        """The compiled step for the current weights: the model's own fp32 layers (the step
+        concatenates them), or the packed int8 layers; rebuilt when any weight changed."""
+        key = _weights_key([*self.model.parameters(), *self.model.buffers()])
+        if self._compiled is not None and key == self._compiled_key:
+            return
+        reads = []
+        for layer in self._layers or []:
+            groups = []
+            for packed in layer.packed():
+                if not _plain(*packed.linears):
+                    packed.refresh()  # int8: concatenated once, read through its operator
+                groups.append(packed.linears if packed.layer is None else [packed.layer])
+            reads.append(groups)
+        self._compiled = CompiledStep(self.model, reads, [self.model.lm_head], rebuild=self._compiled is not None)
+        self._compiled_key = key
+
     def _can_decode(self, batch: int) -> bool:
         return self.packed and batch == 1 and self._on_cpu() and onednn_available()
 
     def decoding(self, batch: int) -> contextlib.AbstractContextManager:
         """While active (one row, CPU, oneDNN, `packed`, every block readable), `active` is
         True: the engine decodes through `next_logits`: the packed step and head, or the
-        compiled step when `compile` is set and every weight is a plain fp32 matrix."""
+        compiled step when `compile` is set and every weight is a plain fp32 or an int8 matrix."""
         if not self._can_decode(batch):
             return contextlib.nullcontext()
         structure = tuple(map(id, self.model.modules()))  # a layer swapped since (LoRA, quantization): a new plan
@@ -241,13 +263,8 @@ class CpuDecoder:
         if self._layers is None:
             self._compiled = None
             return contextlib.nullcontext()
-        compiled = (self.compile and self._head is not None
-                    and all(_plain(*(p.linears)) for layer in self._layers for p in layer.packed()))
-        if compiled:
-            key = _weights_key(self.model.parameters())
-            if self._compiled is None or key != self._compiled_key:
-                self._compiled = CompiledStep(self.model, rebuild=self._compiled is not None)
-                self._compiled_key = key
+        if self.compile and _compilable([self.model.lm_head]) and all(_compilable(p.linears) for layer in self._layers for p in layer.packed()):
+            self._compile()
         else:
             self._compiled = None
             for layer in self._layers:

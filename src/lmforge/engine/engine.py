@@ -64,9 +64,9 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: TextCodec | None = None, *, packed: bool = True, compile: bool = False) -> None:
         """`packed=False` decodes one row through the model's own layers, without the
         packed copy of the weights that makes it faster on CPU (e.g. while training a
-        model close to the memory limit). `compile=True` decodes one row of fp32 weights
-        on CPU through a step compiled by Inductor (`lmforge.engine.compiled`): fastest,
-        after a compile of 25-60 s, and recompiled whenever a weight changes."""
+        model close to the memory limit). `compile=True` decodes one row of fp32 or int8
+        weights on CPU through a step compiled by Inductor (`lmforge.engine.compiled`):
+        fastest, after a compile of 25-120 s, and recompiled whenever a weight changes."""
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer

@@ -11,7 +11,8 @@ quantizes the activations it multiplies), so that the product runs in integers a
 row's result never depends on the values of the other rows in its batch:
 
 - one row on a CPU with PyTorch's x86 quantized engine: the weight is prepacked once and
-  `quantized.linear_dynamic` quantizes the row to uint8 and multiplies (VNNI where the CPU
+  `quantized.linear_dynamic` quantizes the row to uint8 (7 bits of it where the CPU has no
+  VNNI, `_seven_bit_rows`) and multiplies (VNNI where the CPU
   has it) in one call: 3.5-4.0 ms per token for gpt2's 85M block weights at batch 1,
   against 13-15 ms in fp32;
 - several rows on a CPU (a prompt, a batch): each row to int8, `torch._int_mm`, and the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,16 @@ from lmforge.model import GPT
 @functools.cache
 def _x86_engine() -> bool:
     return "x86" in torch.backends.quantized.supported_engines
+
+
+@functools.cache
+def _seven_bit_rows() -> bool:
+    """Whether the engine must quantize a row to 7 bits, not 8: without VNNI, its kernel
+    adds pairs of uint8 x int8 products in int16 (AVX2's vpmaddubsw), which saturates on
+    full-range rows (a row with one loud value came out 31% wrong on such a CPU); 7 bits
+    cannot overflow. With VNNI the products accumulate in int32, and 8 bits are safe."""
+    caps = torch.cpu.get_capabilities()
+    return not (caps.get("avx512_vnni") or caps.get("avx_vnni"))
 
 
 class Int8Linear(nn.Linear):
@@ -68,6 +80,7 @@ class Int8Linear(nn.Linear):
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("weight_scale", weight_scale)
         self._packed: object | None = None  # the x86 engine's prepacked weight, built on first use on CPU
+        _BY_STORAGE[weight_int8.data_ptr()] = self
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
@@ -114,18 +127,50 @@ class Int8Linear(nn.Linear):
         """The product for one fp32 row on CPU, without the checks `forward` makes: what
         the one-row decoder (`lmforge.engine.cpu_decode`) calls, 49 times a token for gpt2."""
         if _x86_engine():
-            return torch.ops.quantized.linear_dynamic(x, self._prepacked(), False)
+            return torch.ops.quantized.linear_dynamic(x, self._prepacked(), _seven_bit_rows())
         return self(x)
 
     def _apply(self, fn, recurse=True):  # nn.Module's signature
         self._packed = None  # moved or cast: pack again from the buffers
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        _BY_STORAGE[self.weight_int8.data_ptr()] = self
+        return module
 
     def reset_parameters(self) -> None:
         raise LmforgeError("an int8 layer is frozen: re-initialise the dense layer, then quantize it again")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 per-channel"
+
+
+# Each int8 layer by its weight's storage: how the compiled decode step, which can pass
+# tensors only, finds a layer's prepacked weight (entries go when their layer does).
+_BY_STORAGE: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+
+
+def _int8_one_row(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    layer = _BY_STORAGE.get(weight_int8.data_ptr())
+    if layer is None or layer.weight_int8.shape != weight_int8.shape:
+        layer = Int8Linear(weight_int8, weight_scale, bias)
+    return layer.one_row(x)
+
+
+# `Int8Linear.one_row` as an operator TorchInductor can call from a compiled graph (the
+# engine's prepacked weight is an opaque object a graph cannot hold). The layer is found
+# by its weight's storage; a weight no layer owns is packed on the spot. Registered on
+# the dispatcher directly: `torch.library.custom_op`'s wrapper cost 32 us a call here,
+# against 14 us, and a Llama token makes 49 of them.
+_LIBRARY = torch.library.Library("lmforge", "DEF")
+_LIBRARY.define("int8_one_row(Tensor x, Tensor weight_int8, Tensor weight_scale, Tensor? bias) -> Tensor")
+_LIBRARY.impl("int8_one_row", _int8_one_row, "CPU")
+
+
+@torch.library.register_fake("lmforge::int8_one_row", lib=_LIBRARY)
+def _(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight_int8.size(0))
+
+
+int8_one_row = torch.ops.lmforge.int8_one_row
 
 
 class Float16Linear(nn.Linear):
