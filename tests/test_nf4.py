@@ -8,7 +8,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -149,6 +149,7 @@ finite32 = st.floats(-1e4, 1e4, width=32, allow_subnormal=False)
     absmax_block_size=st.sampled_from([3, 256]),
     double_quant=st.booleans(),
 )
+@example(values=[0.0] * 5, block_size=2, absmax_block_size=3, double_quant=True)  # found by hypothesis on a CI run
 def test_round_trip_error_is_bounded(values, block_size, absmax_block_size, double_quant):
     x = torch.tensor(values, dtype=torch.float32)
     q = quantize_nf4(x, block_size, double_quant, absmax_block_size)
@@ -161,7 +162,10 @@ def test_round_trip_error_is_bounded(values, block_size, absmax_block_size, doub
     decoded = q.block_absmax()
     if double_quant:  # the absmax is off by at most half a step of the dynamic map (times the block's scale)
         scale = q.absmax_scale.repeat_interleave(absmax_block_size)[:n_blocks]
-        assert bool(((decoded - stored).abs() <= scale * DYN_HALF_GAP * (1 + 1e-5) + stored * 1e-6).all())
+        # plus one FLT_MIN: below it fp32 is subnormal and keeps fewer bits (all-zero blocks
+        # beside a clamped 1e-38 one decode it as 7.8e-39)
+        tiny = torch.finfo(torch.float32).tiny
+        assert bool(((decoded - stored).abs() <= scale * DYN_HALF_GAP * (1 + 1e-5) + stored * 1e-6 + tiny).all())
     else:
         assert torch.equal(decoded, stored)
     per = lambda t: t.repeat_interleave(block_size)[: x.numel()]
