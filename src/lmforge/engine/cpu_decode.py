@@ -230,14 +230,14 @@ class CpuDecoder:
                 x = x + layer.down(layer.up(h))
         return model.norm_f(x)[:, -1]
 
-    def _compile(self) -> None:
+    def _compile(self, layers: list[_Layer]) -> None:
         """The compiled step for the current weights: the model's own fp32 layers (the step
         concatenates them), or the packed int8 layers; rebuilt when any weight changed."""
         key = _weights_key([*self.model.parameters(), *self.model.buffers()])
         if self._compiled is not None and key == self._compiled_key:
             return
         reads = []
-        for layer in self._layers or []:
+        for layer in layers:
             groups = []
             for packed in layer.packed():
                 if not _plain(*packed.linears):
@@ -264,7 +264,7 @@ class CpuDecoder:
             self._compiled = None
             return contextlib.nullcontext()
         if self.compile and _compilable([self.model.lm_head]) and all(_compilable(p.linears) for layer in self._layers for p in layer.packed()):
-            self._compile()
+            self._compile(self._layers)
         else:
             self._compiled = None
             for layer in self._layers:
