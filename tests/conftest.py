@@ -69,3 +69,10 @@ def small_tok_gpt4() -> Tokenizer:
     from lmforge.tokenizer import GPT4_PATTERN
 
     return _train_small(GPT4_PATTERN, 600)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The README walk first. Its sections build on each other, so one worker runs them all
+    (about 6 minutes on 2 cores); started first, the other workers take every other file
+    meanwhile instead of waiting on it at the end (`scripts/test` runs one worker per core)."""
+    items.sort(key=lambda item: item.path.name != "test_readme.py")

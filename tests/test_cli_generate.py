@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,3 +140,21 @@ def test_chat_with_an_instruction_tuned_model_adds_no_note(model_dir, tmp_path, 
     assert "chat template" not in err and "### Response" not in out
     _, err = run_main(capsys, "generate", "--model", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "3")
     assert "chat template" not in err  # without --chat no template is used: nothing to say
+
+
+@pytest.mark.parametrize("preset", ["nano", "small"])  # RoPE (Llama family) and learned positions (GPT-2)
+def test_generating_from_a_saved_folder_never_imports_dynamo(preset, tmp_path, small_tok):
+    """Loaders build the model on the meta device, then fill it. torch's meta kernels for
+    `normal_` and for RoPE's arithmetic import Dynamo, which took 2-3 s of every command's
+    start (`model.on_meta` keeps them from running). Checked in a fresh process."""
+    torch.manual_seed(0)
+    save_pretrained(GPT(Config.from_name(preset, vocab_size=small_tok.vocab_size, n_layer=1)), tmp_path, small_tok)
+    script = (
+        "import sys\nfrom lmforge.cli import main\n"
+        f"code = main(['generate', '--model', {str(tmp_path)!r}, '--prompt', 'To be', '--max-new-tokens', '3'])\n"
+        "assert code == 0, code\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "False", run.stdout

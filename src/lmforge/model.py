@@ -12,19 +12,19 @@ nh query heads, nkv key/value heads, hd head_dim.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.ops.logprobs import token_logprobs
 from lmforge.ops.loss import head_loss
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 
 class RMSNorm(nn.Module):
@@ -56,10 +56,11 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
 
     Llama 3 slows the low frequencies (long wavelengths) by `factor`, keeps the high
     ones, and blends smoothly in between, so a model trained on short context reads
-    positions far beyond it.
+    positions far beyond it. Computed on the CPU whatever the default device (on the
+    meta device, the arithmetic would run torch's Python meta kernels and import Dynamo).
     """
     hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -243,7 +244,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if config.positions == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+            self.register_buffer("inv_freq", rope_inv_freq(config).to(torch.get_default_device()), persistent=False)
         self.gradient_checkpointing = False
         self.tokenizer = None  # set by the loaders (`lmforge.load`) when the weights come with one
         self.apply(self._init_weights)
@@ -364,3 +365,25 @@ class GPT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.tok_emb.weight.device
+
+
+class _NoDrawsOnMeta(TorchFunctionMode):
+    """Skips `normal_` on meta tensors: they hold no values to draw. The skip is for speed:
+    torch's meta `normal_` imports Dynamo on first use, 2-3 s of every command that
+    builds a model on the meta device to fill it from a file."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        if func is torch.Tensor.normal_ or func is nn.init.normal_:
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def on_meta() -> Iterator[None]:
+    """Modules built inside have their tensors on the meta device (shapes only, no memory),
+    for a loader that then fills or replaces every one of them."""
+    with torch.device("meta"), _NoDrawsOnMeta():
+        yield

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_file
-from lmforge.model import GPT, rope_inv_freq
+from lmforge.model import GPT, on_meta, rope_inv_freq
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, read_tokenizer_json
 from lmforge.tokenizer.llama2c import FORMAT as SENTENCEPIECE_FORMAT
 from lmforge.tokenizer.llama2c import Llama2cTokenizer
@@ -68,7 +68,7 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer: object | Non
 
 def meta_state_dict(config: Config) -> dict[str, torch.Tensor]:
     """The model's tensors on the meta device: names and shapes, no memory."""
-    with torch.device("meta"):
+    with on_meta():
         return GPT(config).state_dict()
 
 
@@ -101,7 +101,7 @@ def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
 def empty_model(config: Config, device: str | torch.device = "cpu") -> GPT:
     """A GPT with allocated, uninitialised weights, for loaders that fill every one of them
     (no time spent on a random init that would be overwritten)."""
-    with torch.device("meta"):
+    with on_meta():
         model = GPT(config)
     return retie(model.to_empty(device=device), device)
 
@@ -117,7 +117,7 @@ def model_from_state_dict(
     second copy of the weights. Names and shapes are checked first, all problems at once."""
     check_tensors(state_dict, expected_shapes(config), source)
     dtype = dtype or state_dict["tok_emb.weight"].dtype
-    with torch.device("meta"):
+    with on_meta():
         model = GPT(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=False, assign=True)
     return retie(model, device).eval()
@@ -275,7 +275,7 @@ def with_labels(model: GPT, labels: list[str]) -> GPT:
     bits (`lmforge.finetune.nf4`) keeps them: a state dict would not fit a dense GPT's.
     """
     device, dtype = model.tok_emb.weight.device, model.tok_emb.weight.dtype
-    with torch.device("meta"):
+    with on_meta():
         fresh = GPT(model.config.replace(labels=list(labels)))
     for name, module in model.named_children():
         if name != "score":

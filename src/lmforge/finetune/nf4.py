@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model import GPT
+from lmforge.model import GPT, on_meta
 from lmforge.weights import TensorStream, retie
 
 # The NF4 levels as bitsandbytes stores them (fp32, ascending): quantiles of N(0, 1),
@@ -559,7 +559,7 @@ def build_quantized(
     So the peak is the finished model plus one dense tensor and its quantization's
     temporaries (for gpt2, an MLP weight: 9 MiB) instead of the whole dense model.
     """
-    with torch.device("meta"):
+    with on_meta():
         model = GPT(stream.config)
     skipped_by = _skip_rule(skip)
     quantize = {f"{name}.weight": name for name, _ in model.named_linears() if not skipped_by(name)}

@@ -36,7 +36,7 @@ from lmforge.finetune.lora import LoRAConfig, apply_lora, count_parameters, lora
 from lmforge.finetune.nf4 import quantize_model, quantized_summary
 from lmforge.io import LOCK_FILE, atomic_write_text, lock_folder, remove_dir
 from lmforge.loading import load, load_config, load_quantized, resolve_model_path
-from lmforge.model import GPT
+from lmforge.model import GPT, on_meta
 from lmforge.recipes.config import FinetuneConfig
 from lmforge.recipes.replay import open_replay
 from lmforge.text import plural
@@ -131,7 +131,7 @@ def _drawn_head(config: Config) -> torch.Tensor:
     of its module (on the CPU, as the seeded dense path builds it) and dropped but the
     head. tests/test_nf4_load.py holds this to GPT(config): the head and the RNG after.
     """
-    with torch.device("meta"):
+    with on_meta():
         blueprint = GPT(config)  # draws nothing: meta tensors take no random numbers
     head = None
     for module in blueprint.modules():
