@@ -157,16 +157,19 @@ HOLDER = textwrap.dedent(
     import os, sys, time
     from lmforge.io import lock_folder
 
+    def say(line):  # one write per line: parent and child share the pipe, and an unbuffered
+        os.write(1, f"{line}\\n".encode())  # print writes the text and its newline apart
+
     lock = lock_folder(sys.argv[1], what="run folder")
     if sys.argv[2] == "fork":  # a worker forked while the lock is held (the tokenizer's pool)
         if os.fork() == 0:  # the child says its pid once its fork handlers have run
-            print(os.getpid(), flush=True)
+            say(os.getpid())
             time.sleep(600)
             os._exit(0)
-    print("locked", flush=True)
+    say("locked")
     sys.stdin.readline()
     lock.release()
-    print("released", flush=True)
+    say("released")
     sys.stdin.readline()
     """
 )
