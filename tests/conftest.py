@@ -73,6 +73,6 @@ def small_tok_gpt4() -> Tokenizer:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The README walk first. Its sections build on each other, so one worker runs them all
-    (about 6 minutes on 2 cores); started first, the other workers take every other file
+    (5-10 minutes here); started first, the other workers take every other file
     meanwhile instead of waiting on it at the end (`scripts/test` runs one worker per core)."""
     items.sort(key=lambda item: item.path.name != "test_readme.py")
