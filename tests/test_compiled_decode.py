@@ -4,15 +4,18 @@ generations, the cache buckets, and the layers it leaves to the packed step."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
 import torch
 from test_engine import GREEDY, make_model
 
+from torch._inductor.codecache import PyCodeCache
+
 from lmforge.cli import main
 from lmforge.engine import Engine, generate_uncached
-from lmforge.engine import compiled
+from lmforge.engine import compiled, hugepages
 from lmforge.engine.compiled import MIN_BUCKET, cache_length
 from lmforge.engine.quantize import Int8Linear, int8_one_row, quantize
 from lmforge.finetune.lora import LoRAConfig, apply_lora
@@ -65,6 +68,11 @@ def test_a_weight_changed_or_a_layer_swapped_is_seen(monkeypatch):
             p.mul_(-1.5).add_(0.01)
     assert [int(t[0]) for t, _ in engine.steps([PROMPT], 12, GREEDY)] == generate_uncached(model, PROMPT, 12)[0]
     assert engine.cpu._compiled is not None and engine.cpu._compiled is not first
+    # the old step's graphs go with it: Inductor's list of loaded modules lets its constants go
+    old_modules = list(first._modules)
+    del first
+    gc.collect()
+    assert old_modules and not any(m is old for m in PyCodeCache.modules for old in old_modules)
     apply_lora(model, LoRAConfig(r=4, alpha=8, targets=("q", "v")))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -72,6 +80,30 @@ def test_a_weight_changed_or_a_layer_swapped_is_seen(monkeypatch):
                 p.normal_(std=0.5)
     assert [int(t[0]) for t, _ in engine.steps([PROMPT], 12, GREEDY)] == generate_uncached(model, PROMPT, 12)[0]
     assert engine.cpu._compiled is None
+
+
+def test_each_model_and_cache_length_runs_its_own_graph(monkeypatch):
+    """Once a cache length has run, the step skips Dynamo's guards: a cache length it has
+    not run must still compile, not borrow another length's graph, and another model's
+    step (a code object of its own) must not run this one's. Two models, two lengths, in
+    turns, each against its reference, with their constants on huge pages where the
+    machine has them."""
+    monkeypatch.setitem(compiled.INDUCTOR_SETTINGS, "max_autotune", False)
+    monkeypatch.setattr(compiled, "MIN_BUCKET", 16)  # 6 + 4 tokens: a 16-slot cache; 6 + 30: 64
+    moved = []  # bytes moved per compiled graph; every constant, however small (these are KB, not MB)
+    monkeypatch.setattr(compiled, "move_to_huge_pages", lambda tensors: moved.append(hugepages.move_to_huge_pages(tensors, min_bytes=1)))
+    models = [make_model("small"), make_model("small")]
+    with torch.no_grad():
+        for p in models[1].parameters():
+            p.add_(torch.randn_like(p), alpha=0.2)
+    engines = [Engine(m, compile=True) for m in models]
+    ref = {(i, n): generate_uncached(m, PROMPT, n)[0] for i, m in enumerate(models) for n in (4, 30)}
+    assert ref[0, 30] != ref[1, 30]
+    for i, n in [(0, 4), (1, 4), (0, 30), (1, 30), (0, 4), (1, 30), (1, 4), (0, 30)]:
+        assert engines[i].generate([PROMPT], max_new_tokens=n, sampling=GREEDY)[0].ids == ref[i, n], (i, n)
+    assert len(moved) == 4  # a graph per model and length, its constants moved once (and read from there since)
+    if hugepages.huge_pages_available():
+        assert all(n > 0 for n in moved)
 
 
 @pytest.mark.parametrize("family", ["nano", "small"])

@@ -244,7 +244,7 @@ class CpuDecoder:
                     packed.refresh()  # int8: concatenated once, read through its operator
                 groups.append(packed.linears if packed.layer is None else [packed.layer])
             reads.append(groups)
-        self._compiled = CompiledStep(self.model, reads, [self.model.lm_head], rebuild=self._compiled is not None)
+        self._compiled = CompiledStep(self.model, reads, [self.model.lm_head])
         self._compiled_key = key
 
     def _can_decode(self, batch: int) -> bool:
