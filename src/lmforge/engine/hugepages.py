@@ -57,8 +57,10 @@ def move_to_huge_pages(tensors: Iterable[torch.Tensor], min_bytes: int = HUGE_PA
     """Give every CPU tensor whose storage holds at least `min_bytes` a copy of that storage
     on huge pages, swapped in place (`Tensor.set_`): values, shapes, strides and views
     through these tensors are unchanged, and everything holding them sees the new memory.
-    Tensors sharing a storage move together. Returns the bytes moved (0 where the
-    machine has no huge pages to give)."""
+    Tensors sharing a storage move together. The cost is memory: a storage's last page is
+    a whole 2 MB one, so each moved storage takes up to 2 MB more (about 50 MB over the
+    50 weight matrices of a 124M model). Returns the bytes moved (0 where the machine
+    has no huge pages to give)."""
     if not huge_pages_available():
         return 0
     by_storage: dict[int, list[torch.Tensor]] = {}
