@@ -167,23 +167,30 @@ class CompiledStep:
         weakref.finalize(self, _forget, self._modules)
 
     def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        import torch._inductor.config as inductor_config  # Inductor loads only when a step is compiled
-        from torch._inductor.codecache import PyCodeCache
-
         pos = torch.tensor([cache.length], device=token.device)
         length = cache.keys[0].size(2)
         if length in self._ran:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 logits = self._fn(token, pos, cache.keys, cache.values)
         else:
-            loaded = len(PyCodeCache.modules)  # Inductor's compiled graphs, each a module holding its constants
-            with inductor_config.patch(INDUCTOR_SETTINGS), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # Inductor's own, while compiling
-                logits = self._fn(token, pos, cache.keys, cache.values)
-            self._modules += PyCodeCache.modules[loaded:]
-            self._move_constants(PyCodeCache.modules[loaded:])
+            logits = self._first_call(token, pos, cache)
             self._ran.add(length)
         cache.length += 1
+        return logits
+
+    def _first_call(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A call at a cache length not run yet: guards checked, compiling if needed, and the
+        constants of any graph compiled moved onto huge pages."""
+        import torch._inductor.config as inductor_config  # Inductor loads only when a step is compiled
+        from torch._inductor.codecache import PyCodeCache
+
+        loaded = len(PyCodeCache.modules)  # Inductor's compiled graphs, each a module holding its constants
+        with inductor_config.patch(INDUCTOR_SETTINGS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # Inductor's own, while compiling
+            logits = self._fn(token, pos, cache.keys, cache.values)
+        compiled = PyCodeCache.modules[loaded:]
+        self._modules += compiled
+        self._move_constants(compiled)
         return logits
 
     def _move_constants(self, modules: Sequence[object]) -> None:
@@ -204,4 +211,5 @@ def _forget(modules: list[object]) -> None:
     would otherwise keep their constants, a copy of the weights, for the process's life."""
     from torch._inductor.codecache import PyCodeCache
 
-    PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if all(m is not mine for mine in modules)]
+    mine = set(map(id, modules))
+    PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in mine]

@@ -65,8 +65,11 @@ def move_to_huge_pages(tensors: Iterable[torch.Tensor], min_bytes: int = HUGE_PA
         return 0
     by_storage: dict[int, list[torch.Tensor]] = {}
     for tensor in tensors:
-        if tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.untyped_storage().nbytes() >= min_bytes:
-            by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(tensor)
+        if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+            continue
+        storage = tensor.untyped_storage()
+        if storage.nbytes() >= min_bytes:
+            by_storage.setdefault(storage.data_ptr(), []).append(tensor)
     moved = 0
     with torch.no_grad():
         for group in by_storage.values():
